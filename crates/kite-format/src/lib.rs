@@ -1,0 +1,353 @@
+//! The kite image format: chunk parameters, the per-chunk codec, digests,
+//! and the bootstrap (EROFS image + index section).
+//!
+//! A kite image is a bootstrap plus one data blob per source layer. Regular
+//! files are cut at fixed offsets into chunks; a chunk's identity is the
+//! sha256 of its uncompressed bytes; each chunk is stored as one independent
+//! zstd frame, or raw when compression does not make it smaller. In a blob's
+//! *uncompressed layout* (what the kernel reads) every chunk starts at a
+//! 4 KiB-aligned offset; the index section maps that layout onto the stored
+//! bytes. This crate owns those rules; it does no file or network I/O.
+
+#![forbid(unsafe_code)]
+
+pub mod index;
+
+use std::fmt;
+
+use sha2::{Digest as _, Sha256};
+
+pub use index::{encode_index, BlobEntry, BlobRecord, BlobView, ChunkRecord, Index};
+
+/// Default chunk size: 1 MiB.
+pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+pub const MIN_CHUNK_SIZE: u32 = 4096;
+pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
+/// Default zstd level.
+pub const DEFAULT_LEVEL: i32 = 3;
+
+/// Errors of the image format.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("chunk size {0} is not a power of two between 4 KiB and 16 MiB")]
+    BadChunkSize(u64),
+    #[error("malformed index section: {0}")]
+    BadIndex(String),
+    #[error("index section checksum mismatch (bootstrap corrupt or truncated)")]
+    IndexChecksum,
+    #[error("index section version {0} is not supported (this kite reads version 1)")]
+    UnsupportedVersion(u32),
+    #[error("bootstrap: {0}")]
+    Erofs(#[from] kite_erofs::ErofsError),
+    #[error("chunk {chunk} of blob {blob}: {why}")]
+    BadChunk {
+        blob: Digest,
+        chunk: usize,
+        why: String,
+    },
+    #[error("zstd compression failed")]
+    Compress(#[source] std::io::Error),
+}
+
+/// A sha256 digest.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    pub const ZERO: Digest = Digest([0; 32]);
+
+    pub fn of(data: &[u8]) -> Self {
+        Digest(Sha256::digest(data).into())
+    }
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+    /// `sha256:<hex>`, the OCI form.
+    pub fn oci(&self) -> String {
+        format!("sha256:{}", self.hex())
+    }
+    /// Parse `sha256:<hex>` or bare hex.
+    pub fn parse(s: &str) -> Option<Self> {
+        let h = s.strip_prefix("sha256:").unwrap_or(s);
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(h, &mut out).ok()?;
+        Some(Digest(out))
+    }
+    pub fn is_zero(&self) -> bool {
+        self.0 == [0; 32]
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.hex())
+    }
+}
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", &self.hex()[..12])
+    }
+}
+
+/// Round up to 4 KiB.
+pub fn align4k(v: u64) -> u64 {
+    (v + 4095) & !4095
+}
+
+/// A validated chunk size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkSize(u32);
+
+impl ChunkSize {
+    pub fn new(bytes: u64) -> Result<Self, FormatError> {
+        if bytes.is_power_of_two()
+            && (MIN_CHUNK_SIZE as u64..=MAX_CHUNK_SIZE as u64).contains(&bytes)
+        {
+            Ok(Self(bytes as u32))
+        } else {
+            Err(FormatError::BadChunkSize(bytes))
+        }
+    }
+    /// Parse `4K`, `1M`, `16M`, `65536`...
+    pub fn parse(s: &str) -> Result<Self, FormatError> {
+        let t = s.trim();
+        let (num, mul) = match t.char_indices().last() {
+            Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+            Some((i, 'M' | 'm')) => (&t[..i], 1u64 << 20),
+            _ => (t, 1),
+        };
+        let n: u64 = num.parse().map_err(|_| FormatError::BadChunkSize(0))?;
+        Self::new(
+            n.checked_mul(mul)
+                .ok_or(FormatError::BadChunkSize(u64::MAX))?,
+        )
+    }
+    pub fn bytes(self) -> u32 {
+        self.0
+    }
+    pub fn bits(self) -> u8 {
+        self.0.trailing_zeros() as u8
+    }
+}
+
+impl Default for ChunkSize {
+    fn default() -> Self {
+        Self(DEFAULT_CHUNK_SIZE)
+    }
+}
+
+/// A reusable per-thread chunk compressor (zstd contexts are costly to
+/// create, so the converter keeps one per worker).
+pub struct ChunkEncoder {
+    zstd: zstd::bulk::Compressor<'static>,
+}
+
+impl ChunkEncoder {
+    pub fn new(level: i32) -> Result<Self, FormatError> {
+        let mut zstd = zstd::bulk::Compressor::new(level).map_err(FormatError::Compress)?;
+        // Frames carry their content size; no zstd checksum (sha256 covers it).
+        zstd.include_contentsize(true)
+            .map_err(FormatError::Compress)?;
+        Ok(Self { zstd })
+    }
+
+    /// Compress one chunk. Returns the stored bytes and the chunk flags; the
+    /// bytes are the input itself (raw) when zstd does not make them smaller.
+    pub fn encode(&mut self, data: &[u8]) -> Result<(Vec<u8>, u32), FormatError> {
+        let mut out = vec![0u8; zstd::zstd_safe::compress_bound(data.len())];
+        let n = self
+            .zstd
+            .compress_to_buffer(data, &mut out)
+            .map_err(FormatError::Compress)?;
+        if n < data.len() {
+            out.truncate(n);
+            Ok((out, index::CHUNK_FLAG_ZSTD))
+        } else {
+            Ok((data.to_vec(), 0))
+        }
+    }
+}
+
+/// Compress one chunk with a fresh encoder (see [`ChunkEncoder::encode`]).
+pub fn compress_chunk(data: &[u8], level: i32) -> Result<(Vec<u8>, u32), FormatError> {
+    ChunkEncoder::new(level)?.encode(data)
+}
+
+/// A reusable chunk decoder that verifies everything it returns.
+pub struct ChunkDecoder {
+    zstd: zstd::bulk::Decompressor<'static>,
+}
+
+impl ChunkDecoder {
+    pub fn new() -> Result<Self, FormatError> {
+        let zstd = zstd::bulk::Decompressor::new().map_err(FormatError::Compress)?;
+        Ok(Self { zstd })
+    }
+
+    /// Decode the stored bytes of chunk `chunk` of `blob` into `out` (cleared
+    /// first) and verify size and sha256. On error `out` holds nothing that
+    /// may be used.
+    pub fn decode(
+        &mut self,
+        blob: Digest,
+        chunk: usize,
+        rec: &ChunkRecord,
+        stored: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), FormatError> {
+        let bad = |why: String| FormatError::BadChunk { blob, chunk, why };
+        if stored.len() != rec.compressed_size as usize {
+            return Err(bad(format!(
+                "{} stored bytes, index says {}",
+                stored.len(),
+                rec.compressed_size
+            )));
+        }
+        out.clear();
+        if rec.is_zstd() {
+            // Capacity bounds the output: a frame that inflates beyond the
+            // recorded size fails instead of allocating without limit.
+            out.reserve_exact(rec.uncompressed_size as usize);
+            let n = self
+                .zstd
+                .decompress_to_buffer(stored, out)
+                .map_err(|e| bad(format!("zstd: {e}")))?;
+            if n != rec.uncompressed_size as usize {
+                out.clear();
+                return Err(bad(format!(
+                    "decompressed to {n} bytes, index says {}",
+                    rec.uncompressed_size
+                )));
+            }
+        } else {
+            if rec.compressed_size != rec.uncompressed_size {
+                return Err(bad("raw chunk with differing sizes".into()));
+            }
+            out.extend_from_slice(stored);
+        }
+        let got = Digest::of(out);
+        if got != rec.digest {
+            out.clear();
+            return Err(bad(format!("digest mismatch: content is {}", got.oci())));
+        }
+        Ok(())
+    }
+}
+
+/// Decode and verify one chunk with a fresh decoder (see [`ChunkDecoder::decode`]).
+pub fn decode_chunk(
+    blob: Digest,
+    chunk: usize,
+    rec: &ChunkRecord,
+    stored: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), FormatError> {
+    ChunkDecoder::new()?.decode(blob, chunk, rec, stored, out)
+}
+
+/// A parsed bootstrap: the EROFS image and its index section.
+pub struct Bootstrap<'a> {
+    pub erofs: kite_erofs::Image<'a>,
+    pub index: Index<'a>,
+    /// Byte offset of the index section.
+    pub index_offset: u64,
+}
+
+impl<'a> Bootstrap<'a> {
+    /// Parse a whole bootstrap file's bytes and cross-check the device table
+    /// against the blob table.
+    pub fn parse(data: &'a [u8]) -> Result<Self, FormatError> {
+        let erofs = kite_erofs::Image::open(data)?;
+        let index_offset = erofs.image_len();
+        let index = Index::parse(&data[index_offset as usize..])?;
+        let devices = erofs.devices()?;
+        if devices.len() != index.blob_count() {
+            return Err(FormatError::BadIndex(format!(
+                "device table has {} blobs, index has {}",
+                devices.len(),
+                index.blob_count()
+            )));
+        }
+        for (i, (dev, blob)) in devices.iter().zip(index.blobs()).enumerate() {
+            if dev.tag_str() != blob.record.digest.hex()
+                || dev.blocks as u64 * 4096 != blob.record.uncompressed_size
+            {
+                return Err(FormatError::BadIndex(format!(
+                    "device slot {i} ({}) does not match blob table entry {}",
+                    dev.tag_str(),
+                    blob.record.digest
+                )));
+            }
+        }
+        Ok(Self {
+            erofs,
+            index,
+            index_offset,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_size_parsing() {
+        assert_eq!(ChunkSize::parse("1M").unwrap().bytes(), 1 << 20);
+        assert_eq!(ChunkSize::parse("4k").unwrap().bits(), 12);
+        assert_eq!(ChunkSize::parse("16M").unwrap().bytes(), 16 << 20);
+        for bad in ["3K", "2K", "32M", "x", "", "0"] {
+            assert!(ChunkSize::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn codec_roundtrip_raw_and_zstd() {
+        let text = b"hello hello hello hello hello hello".repeat(100);
+        let (stored, flags) = compress_chunk(&text, 3).unwrap();
+        assert_eq!(flags, index::CHUNK_FLAG_ZSTD);
+        assert!(stored.len() < text.len());
+        let rec = ChunkRecord {
+            digest: Digest::of(&text),
+            uncompressed_offset: 0,
+            compressed_offset: 0,
+            uncompressed_size: text.len() as u32,
+            compressed_size: stored.len() as u32,
+            flags,
+        };
+        let mut out = Vec::new();
+        decode_chunk(Digest::ZERO, 0, &rec, &stored, &mut out).unwrap();
+        assert_eq!(out, text);
+        // Incompressible data is stored raw.
+        let noise: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let (stored, flags) = compress_chunk(&noise, 3).unwrap();
+        if flags == 0 {
+            assert_eq!(stored, noise);
+        }
+    }
+
+    #[test]
+    fn corrupt_chunk_is_refused_naming_blob_and_index() {
+        let text = b"abcdefgh".repeat(1000);
+        let (mut stored, flags) = compress_chunk(&text, 3).unwrap();
+        let rec = ChunkRecord {
+            digest: Digest::of(&text),
+            uncompressed_offset: 0,
+            compressed_offset: 0,
+            uncompressed_size: text.len() as u32,
+            compressed_size: stored.len() as u32,
+            flags,
+        };
+        let last = stored.len() - 1;
+        stored[last] ^= 0xff;
+        let mut out = Vec::new();
+        let err = decode_chunk(Digest([7; 32]), 42, &rec, &stored, &mut out).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("chunk 42") && msg.contains("sha256:0707"),
+            "{msg}"
+        );
+    }
+}
