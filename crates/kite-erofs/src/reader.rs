@@ -282,7 +282,7 @@ impl<'a> Image<'a> {
             let first = Dirent::decode(block).map_err(|_| corrupt("short block"))?;
             let count = first.nameoff as usize / DIRENT_SIZE;
             if count == 0
-                || first.nameoff as usize % DIRENT_SIZE != 0
+                || !(first.nameoff as usize).is_multiple_of(DIRENT_SIZE)
                 || count * DIRENT_SIZE > block.len()
             {
                 return Err(corrupt("bad first nameoff"));

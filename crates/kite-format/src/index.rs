@@ -225,7 +225,7 @@ impl<'a> Index<'a> {
             let mut cend = 0u64;
             for c in 0..b.chunk_count {
                 let r = idx.chunk(&b, c);
-                let ok = r.uncompressed_offset % 4096 == 0
+                let ok = r.uncompressed_offset.is_multiple_of(4096)
                     && r.uncompressed_offset >= uend
                     && r.compressed_offset >= cend
                     && r.uncompressed_size > 0

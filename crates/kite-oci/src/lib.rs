@@ -1,1 +1,487 @@
-//! placeholder
+//! OCI image structures: descriptors, manifests, indexes, media types,
+//! platform selection, and reading/writing an OCI image layout directory.
+//!
+//! Docker v2 schema 2 manifests and manifest lists are accepted wherever
+//! their OCI counterparts are. Everything read from a layout is untrusted:
+//! blobs are addressed by validated digests only (no path games), and
+//! manifests/indexes are verified against the digest they were reached by.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+pub mod media {
+    pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+    pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+    pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+    pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+    pub const OCI_LAYER_ND_TAR: &str = "application/vnd.oci.image.layer.nondistributable.v1.tar";
+    pub const OCI_LAYER_ND_GZIP: &str =
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip";
+    pub const OCI_LAYER_ND_ZSTD: &str =
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd";
+    pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+    pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+    pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+    pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+    pub const DOCKER_LAYER_FOREIGN_GZIP: &str =
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
+    pub const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
+
+    /// kite's own media types.
+    pub const KITE_ARTIFACT: &str = "application/vnd.kite.image.v1";
+    pub const KITE_CONFIG: &str = "application/vnd.kite.image.config.v1+json";
+    pub const KITE_BOOTSTRAP: &str = "application/vnd.kite.bootstrap.v1.erofs";
+    pub const KITE_BLOB: &str = "application/vnd.kite.blob.v1.chunked-zstd";
+}
+
+/// Annotation on a kite manifest naming the source image's manifest digest.
+pub const ANNOTATION_SOURCE_DIGEST: &str = "dev.kite.source.manifest.digest";
+/// Annotation on a kite manifest naming the source reference, if any.
+pub const ANNOTATION_SOURCE_REF: &str = "dev.kite.source.reference";
+/// Annotation on a blob descriptor naming the layer it came from.
+pub const ANNOTATION_SOURCE_LAYER: &str = "dev.kite.source.layer.digest";
+pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// Errors reading or writing OCI structures.
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what} is not valid JSON: {source}")]
+    Json {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("invalid digest {0:?} (expected sha256:<64 hex>)")]
+    BadDigest(String),
+    #[error("{what}: digest mismatch: descriptor says {expected}, content is {actual}")]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("no manifest for platform {wanted} (available: {available})")]
+    NoPlatform { wanted: String, available: String },
+    #[error("no manifest tagged {0:?} in the layout's index.json")]
+    NoTag(String),
+    #[error("unsupported media type {media_type:?} for {what}")]
+    MediaType { what: String, media_type: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OciError + '_ {
+    move |source| OciError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Platform {
+    pub architecture: String,
+    pub os: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// Parse `os/arch[/variant]`.
+    pub fn parse(s: &str) -> Result<Self, OciError> {
+        let parts: Vec<&str> = s.split('/').collect();
+        match parts.as_slice() {
+            [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Self {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: None,
+            }),
+            [os, arch, v] if !os.is_empty() && !arch.is_empty() => Ok(Self {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: Some(v.to_string()),
+            }),
+            _ => Err(OciError::Invalid(format!(
+                "platform {s:?} is not os/arch[/variant]"
+            ))),
+        }
+    }
+    fn matches(&self, want: &Platform) -> bool {
+        self.os == want.os
+            && self.architecture == want.architecture
+            && (want.variant.is_none() || self.variant == want.variant)
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub schema_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageIndex {
+    pub schema_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    pub manifests: Vec<Descriptor>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Layer compression as told by the media type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// The compression of a layer media type, or `None` if it is not a layer.
+pub fn layer_compression(media_type: &str) -> Option<Compression> {
+    use media::*;
+    match media_type {
+        OCI_LAYER_TAR | OCI_LAYER_ND_TAR | DOCKER_LAYER_TAR => Some(Compression::None),
+        OCI_LAYER_GZIP | OCI_LAYER_ND_GZIP | DOCKER_LAYER_GZIP | DOCKER_LAYER_FOREIGN_GZIP => {
+            Some(Compression::Gzip)
+        }
+        OCI_LAYER_ZSTD | OCI_LAYER_ND_ZSTD => Some(Compression::Zstd),
+        _ => None,
+    }
+}
+
+/// Validate `sha256:<64 lowercase hex>` and return the hex part.
+pub fn digest_hex(digest: &str) -> Result<&str, OciError> {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .ok_or_else(|| OciError::BadDigest(digest.to_string()))?;
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    {
+        return Err(OciError::BadDigest(digest.to_string()));
+    }
+    Ok(hex)
+}
+
+pub fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// An OCI image layout directory (`oci-layout`, `index.json`, `blobs/`).
+pub struct Layout {
+    root: PathBuf,
+}
+
+/// A manifest chosen from a layout, with its digest.
+pub struct Resolved {
+    pub digest: String,
+    pub manifest: Manifest,
+    pub platform: Option<Platform>,
+}
+
+impl Layout {
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, OciError> {
+        let root = root.into();
+        let marker = root.join("oci-layout");
+        fs::metadata(&marker).map_err(io_err(&marker))?;
+        Ok(Self { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn blob_path(&self, digest: &str) -> Result<PathBuf, OciError> {
+        let hex = digest_hex(digest)?;
+        Ok(self.root.join("blobs").join("sha256").join(hex))
+    }
+
+    /// Read a small blob (manifest, index, config) whole and verify it.
+    pub fn read_verified(&self, desc: &Descriptor, what: &str) -> Result<Vec<u8>, OciError> {
+        let path = self.blob_path(&desc.digest)?;
+        let mut f = fs::File::open(&path).map_err(io_err(&path))?;
+        let mut data = Vec::new();
+        // Manifests and configs are small; refuse absurd sizes before reading.
+        if desc.size > 64 << 20 {
+            return Err(OciError::Invalid(format!(
+                "{what} {} claims {} bytes",
+                desc.digest, desc.size
+            )));
+        }
+        f.by_ref()
+            .take(desc.size + 1)
+            .read_to_end(&mut data)
+            .map_err(io_err(&path))?;
+        let actual = sha256_digest(&data);
+        if actual != desc.digest || data.len() as u64 != desc.size {
+            return Err(OciError::DigestMismatch {
+                what: format!(
+                    "{what} ({} bytes, descriptor says {})",
+                    data.len(),
+                    desc.size
+                ),
+                expected: desc.digest.clone(),
+                actual,
+            });
+        }
+        Ok(data)
+    }
+
+    pub fn index(&self) -> Result<ImageIndex, OciError> {
+        let path = self.root.join("index.json");
+        let data = fs::read(&path).map_err(io_err(&path))?;
+        serde_json::from_slice(&data).map_err(|source| OciError::Json {
+            what: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// Choose a manifest: by tag (the `org.opencontainers.image.ref.name`
+    /// annotation) if given, then by platform through nested indexes.
+    pub fn resolve(&self, tag: Option<&str>, platform: &Platform) -> Result<Resolved, OciError> {
+        let top = self.index()?;
+        let candidates: Vec<Descriptor> = match tag {
+            Some(t) => {
+                let hits: Vec<Descriptor> = top
+                    .manifests
+                    .iter()
+                    .filter(|d| {
+                        d.annotations.get(ANNOTATION_REF_NAME).map(String::as_str) == Some(t)
+                    })
+                    .cloned()
+                    .collect();
+                if hits.is_empty() {
+                    return Err(OciError::NoTag(t.to_string()));
+                }
+                hits
+            }
+            None => top.manifests.clone(),
+        };
+        self.pick(&candidates, platform, 0)
+    }
+
+    fn pick(
+        &self,
+        descs: &[Descriptor],
+        want: &Platform,
+        depth: usize,
+    ) -> Result<Resolved, OciError> {
+        if depth > 4 {
+            return Err(OciError::Invalid("image indexes nested too deeply".into()));
+        }
+        let mut available = Vec::new();
+        for d in descs {
+            if let Some(p) = &d.platform {
+                available.push(p.to_string());
+                if !p.matches(want) {
+                    continue;
+                }
+            }
+            if is_index(&d.media_type) {
+                let data = self.read_verified(d, "image index")?;
+                let idx: ImageIndex =
+                    serde_json::from_slice(&data).map_err(|source| OciError::Json {
+                        what: format!("image index {}", d.digest),
+                        source,
+                    })?;
+                match self.pick(&idx.manifests, want, depth + 1) {
+                    Ok(r) => return Ok(r),
+                    Err(OciError::NoPlatform { available: a, .. }) => {
+                        available.push(a);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let mut r = self.load_manifest(d)?;
+            r.platform = d.platform.clone();
+            if r.platform.is_none() {
+                // No platform on the descriptor: the config says what it is.
+                let cfg = self.read_verified(&r.manifest.config, "image config")?;
+                if let Some(p) = config_platform(&cfg) {
+                    available.push(p.to_string());
+                    if !p.matches(want) {
+                        continue;
+                    }
+                    r.platform = Some(p);
+                }
+            }
+            return Ok(r);
+        }
+        Err(OciError::NoPlatform {
+            wanted: want.to_string(),
+            available: if available.is_empty() {
+                "none".into()
+            } else {
+                available.join(", ")
+            },
+        })
+    }
+
+    fn load_manifest(&self, d: &Descriptor) -> Result<Resolved, OciError> {
+        if !is_manifest(&d.media_type) {
+            return Err(OciError::MediaType {
+                what: format!("manifest {}", d.digest),
+                media_type: d.media_type.clone(),
+            });
+        }
+        let data = self.read_verified(d, "manifest")?;
+        let manifest: Manifest =
+            serde_json::from_slice(&data).map_err(|source| OciError::Json {
+                what: format!("manifest {}", d.digest),
+                source,
+            })?;
+        Ok(Resolved {
+            digest: d.digest.clone(),
+            manifest,
+            platform: None,
+        })
+    }
+}
+
+fn is_index(mt: &str) -> bool {
+    mt == media::OCI_INDEX || mt == media::DOCKER_LIST
+}
+
+fn is_manifest(mt: &str) -> bool {
+    mt == media::OCI_MANIFEST || mt == media::DOCKER_MANIFEST
+}
+
+fn config_platform(cfg: &[u8]) -> Option<Platform> {
+    #[derive(Deserialize)]
+    struct Cfg {
+        os: Option<String>,
+        architecture: Option<String>,
+        variant: Option<String>,
+    }
+    let c: Cfg = serde_json::from_slice(cfg).ok()?;
+    Some(Platform {
+        os: c.os?,
+        architecture: c.architecture?,
+        variant: c.variant,
+    })
+}
+
+/// Write `data` as a blob of the layout at `root`, returning its descriptor
+/// digest. Writes to a temporary name and renames.
+pub fn write_blob(root: &Path, data: &[u8]) -> Result<String, OciError> {
+    let digest = sha256_digest(data);
+    let dir = root.join("blobs").join("sha256");
+    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let path = dir.join(digest_hex(&digest)?);
+    let tmp = dir.join(format!(".tmp-{}", digest_hex(&digest)?));
+    fs::write(&tmp, data).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    Ok(digest)
+}
+
+/// Write `oci-layout` and an `index.json` with a single manifest.
+pub fn write_layout_index(root: &Path, manifest: Descriptor) -> Result<(), OciError> {
+    let marker = root.join("oci-layout");
+    fs::write(&marker, br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io_err(&marker))?;
+    let index = ImageIndex {
+        schema_version: 2,
+        media_type: Some(media::OCI_INDEX.into()),
+        manifests: vec![manifest],
+        annotations: BTreeMap::new(),
+    };
+    let path = root.join("index.json");
+    let data = serde_json::to_vec_pretty(&index).map_err(|source| OciError::Json {
+        what: "index.json".into(),
+        source,
+    })?;
+    fs::write(&path, data).map_err(io_err(&path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_parse_and_match() {
+        let p = Platform::parse("linux/arm64/v8").unwrap();
+        assert_eq!(p.to_string(), "linux/arm64/v8");
+        assert!(Platform::parse("linux").is_err());
+        let want = Platform::parse("linux/amd64").unwrap();
+        assert!(Platform::parse("linux/amd64").unwrap().matches(&want));
+        assert!(!p.matches(&want));
+    }
+
+    #[test]
+    fn digests_are_validated_before_use_as_paths() {
+        assert!(digest_hex("sha256:../../etc/passwd").is_err());
+        assert!(digest_hex(&format!("sha256:{}", "A".repeat(64))).is_err());
+        assert!(digest_hex(&format!("sha512:{}", "a".repeat(64))).is_err());
+        assert_eq!(
+            digest_hex(&format!("sha256:{}", "a".repeat(64)))
+                .unwrap()
+                .len(),
+            64
+        );
+    }
+
+    #[test]
+    fn media_types_map_to_compression() {
+        assert_eq!(
+            layer_compression(media::DOCKER_LAYER_GZIP),
+            Some(Compression::Gzip)
+        );
+        assert_eq!(
+            layer_compression(media::OCI_LAYER_ZSTD),
+            Some(Compression::Zstd)
+        );
+        assert_eq!(
+            layer_compression(media::OCI_LAYER_TAR),
+            Some(Compression::None)
+        );
+        assert_eq!(layer_compression("application/json"), None);
+    }
+}

@@ -1,1 +1,312 @@
-fn main() {}
+//! The `kite` command: parses flags into typed options and calls the
+//! libraries. No pipeline logic lives here.
+//!
+//! Exit codes: 0 success; 1 the operation failed (bad input, corrupt image,
+//! I/O error; the message names the culprit); 2 usage error.
+
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use kite_convert::{convert, ConvertOptions, Source};
+use kite_format::ChunkSize;
+use kite_oci::Platform;
+
+mod progress;
+
+#[derive(Parser)]
+#[command(
+    name = "kite",
+    version,
+    about = "Lazy-loading container images: convert, inspect, check, unpack"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Convert an OCI image (or a directory) into a kite image.
+    Convert {
+        /// oci:PATH[:TAG] or dir:PATH
+        #[arg(long)]
+        from: String,
+        /// Output directory (must not exist or be empty).
+        #[arg(long)]
+        to: PathBuf,
+        /// Chunk size: a power of two from 4K to 16M.
+        #[arg(long, default_value = "1M")]
+        chunk_size: String,
+        /// zstd level for chunks.
+        #[arg(long, default_value_t = kite_format::DEFAULT_LEVEL)]
+        level: i32,
+        /// Platform to pick from a multi-platform image (os/arch[/variant]).
+        #[arg(long, default_value = "linux/amd64")]
+        platform: String,
+        /// Store files up to this many bytes inside the bootstrap.
+        #[arg(long, default_value_t = 0)]
+        inline_max: u64,
+        /// Compression threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Never show a progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Show a bootstrap's tree, blobs and dedup statistics.
+    Inspect {
+        bootstrap: PathBuf,
+        /// Print only the blob digests, one a line, in device-table order.
+        #[arg(long)]
+        blobs_only: bool,
+        /// Skip the tree listing.
+        #[arg(long)]
+        summary: bool,
+    },
+    /// Verify a bootstrap and every chunk of its blobs.
+    Check {
+        bootstrap: PathBuf,
+        /// Directory holding the blobs (as <hex> or blobs/sha256/<hex>).
+        #[arg(long)]
+        blobs: PathBuf,
+    },
+    /// Write a blob's uncompressed layout (usable as an EROFS `device=`).
+    Unpack {
+        #[arg(long)]
+        bootstrap: PathBuf,
+        blob: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kite: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Convert {
+            from,
+            to,
+            chunk_size,
+            level,
+            platform,
+            inline_max,
+            threads,
+            quiet,
+        } => {
+            let source = Source::parse(&from)?;
+            let mut opts = ConvertOptions {
+                chunk_size: ChunkSize::parse(&chunk_size)?,
+                level,
+                platform: Platform::parse(&platform)?,
+                inline_max,
+                ..Default::default()
+            };
+            if let Some(t) = threads {
+                opts.threads = t.max(1);
+            }
+            let bar = progress::Bar::new(!quiet);
+            let start = Instant::now();
+            let rep = convert(&source, &to, &opts, &bar)?;
+            bar.done();
+            let secs = start.elapsed().as_secs_f64();
+            println!("converted {from} -> {}", to.display());
+            if let Some(m) = &rep.source_manifest_digest {
+                println!("  source manifest   {m}");
+            }
+            println!("  kite manifest     {}", rep.manifest_digest);
+            println!(
+                "  bootstrap         {} ({} bytes, {:.3}% of {} file data)",
+                rep.bootstrap_digest,
+                rep.bootstrap_size,
+                100.0 * rep.bootstrap_size as f64 / rep.file_bytes.max(1) as f64,
+                mib(rep.file_bytes)
+            );
+            for b in &rep.blobs {
+                println!(
+                    "  blob              {} {} stored, {} chunks",
+                    b.digest,
+                    mib(b.compressed_size),
+                    b.chunks
+                );
+            }
+            for l in &rep.empty_layers {
+                println!("  layer {l}: no new data (all chunks deduplicated or empty)");
+            }
+            println!(
+                "  {} files, {} chunk refs, {} deduplicated ({} saved); {} in {:.2}s = {:.0} MB/s",
+                rep.files,
+                rep.chunks_referenced,
+                rep.chunks_deduplicated,
+                mib(rep.dedup_bytes),
+                mib(rep.input_bytes),
+                secs,
+                rep.input_bytes as f64 / 1e6 / secs.max(1e-9)
+            );
+        }
+        Cmd::Inspect {
+            bootstrap,
+            blobs_only,
+            summary,
+        } => {
+            let data = std::fs::read(&bootstrap)
+                .with_context(|| format!("reading {}", bootstrap.display()))?;
+            let out = std::io::stdout();
+            let mut out = out.lock();
+            if blobs_only {
+                let bs = kite_format::Bootstrap::parse(&data)?;
+                for b in bs.index.blobs() {
+                    writeln!(out, "{}", b.record.digest.hex())?;
+                }
+                return Ok(());
+            }
+            let mut lines = Vec::new();
+            let mut cb = |e: kite_convert::inspect::ListEntry| lines.push(e);
+            let st =
+                kite_convert::inspect::inspect(&data, if summary { None } else { Some(&mut cb) })?;
+            for e in &lines {
+                let link = e
+                    .symlink
+                    .as_ref()
+                    .map(|t| format!(" -> {t}"))
+                    .unwrap_or_default();
+                writeln!(
+                    out,
+                    "{} {:>6} {:>6} {:>12} {}{}",
+                    mode_string(e.mode),
+                    e.uid,
+                    e.gid,
+                    e.size,
+                    e.path,
+                    link
+                )?;
+            }
+            let image = st.file_bytes.max(1) as f64;
+            writeln!(
+                out,
+                "bootstrap: {} bytes (EROFS {} + index {}), {:.3}% of the image's {} of file data",
+                st.bootstrap_size,
+                st.erofs_size,
+                st.index_size,
+                100.0 * st.bootstrap_size as f64 / image,
+                mib(st.file_bytes)
+            )?;
+            writeln!(
+                out,
+                "inodes: {} ({} paths), regular files: {}, chunk size: {}",
+                st.inodes, st.paths, st.files, st.chunk_size
+            )?;
+            writeln!(out, "blobs (device-table order):")?;
+            for (i, b) in st.blobs.iter().enumerate() {
+                writeln!(
+                    out,
+                    "  {:>3} {}  chunks {:>7} ({} raw)  stored {:>12}  uncompressed {:>12}{}",
+                    i + 1,
+                    b.digest,
+                    b.chunks,
+                    b.raw_chunks,
+                    mib(b.compressed_size),
+                    mib(b.uncompressed_size),
+                    b.source_layer
+                        .map(|l| format!("  from layer {l}"))
+                        .unwrap_or_default()
+                )?;
+            }
+            writeln!(
+                out,
+                "dedup: {} referenced, {} stored, ratio {:.3}; compressed {} ({:.1}% of stored)",
+                mib(st.referenced_bytes),
+                mib(st.stored_bytes),
+                st.dedup_ratio(),
+                mib(st.compressed_bytes),
+                100.0 * st.compressed_bytes as f64 / st.stored_bytes.max(1) as f64
+            )?;
+        }
+        Cmd::Check { bootstrap, blobs } => {
+            let data = std::fs::read(&bootstrap)
+                .with_context(|| format!("reading {}", bootstrap.display()))?;
+            let rep = kite_convert::inspect::check(&data, &blobs)
+                .with_context(|| format!("check of {} failed", bootstrap.display()))?;
+            println!(
+                "ok: {} inodes, {} chunk references, {} chunks ({}) verified",
+                rep.inodes,
+                rep.chunk_refs,
+                rep.chunks_verified,
+                mib(rep.bytes_verified)
+            );
+        }
+        Cmd::Unpack {
+            bootstrap,
+            blob,
+            output,
+        } => {
+            let data = std::fs::read(&bootstrap)
+                .with_context(|| format!("reading {}", bootstrap.display()))?;
+            let d = kite_convert::inspect::unpack(&data, &blob, &output)?;
+            println!("unpacked {d} -> {}", output.display());
+        }
+    }
+    Ok(())
+}
+
+fn mode_string(mode: u16) -> String {
+    let t = match mode & 0o170000 {
+        0o040000 => 'd',
+        0o120000 => 'l',
+        0o020000 => 'c',
+        0o060000 => 'b',
+        0o010000 => 'p',
+        0o140000 => 's',
+        _ => '-',
+    };
+    let mut s = String::from(t);
+    let bits = [
+        (0o400, 'r'),
+        (0o200, 'w'),
+        (0o100, 'x'),
+        (0o040, 'r'),
+        (0o020, 'w'),
+        (0o010, 'x'),
+        (0o004, 'r'),
+        (0o002, 'w'),
+        (0o001, 'x'),
+    ];
+    for (i, (bit, c)) in bits.iter().enumerate() {
+        let mut ch = if mode & bit != 0 { *c } else { '-' };
+        let special = match i {
+            2 => mode & 0o4000 != 0,
+            5 => mode & 0o2000 != 0,
+            8 => mode & 0o1000 != 0,
+            _ => false,
+        };
+        if special {
+            ch = match (i, ch) {
+                (8, 'x') => 't',
+                (8, _) => 'T',
+                (_, 'x') => 's',
+                _ => 'S',
+            };
+        }
+        s.push(ch);
+    }
+    s
+}

@@ -1,0 +1,255 @@
+//! Writing a converted image: the bootstrap, blob files named by digest, and
+//! an OCI image layout holding them as a kite image manifest.
+//!
+//! Output directory:
+//!
+//! ```text
+//! DIR/oci-layout, DIR/index.json      OCI layout naming the kite manifest
+//! DIR/blobs/sha256/<hex>              bootstrap, data blobs, config, manifest
+//! DIR/bootstrap                       hardlink to the bootstrap blob
+//! ```
+//!
+//! All of it is built in a temporary sibling directory ([`Staging`]) that is
+//! renamed over `DIR` at the end and removed if anything fails.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use kite_erofs::{Device, ImageOptions, Tree};
+use kite_format::{encode_index, BlobEntry, Digest};
+use kite_oci::{media, Descriptor, Manifest};
+use serde::Serialize;
+
+use crate::{ConvertError, ConvertOptions};
+
+/// File name of the bootstrap in the output directory.
+pub const BOOTSTRAP_NAME: &str = "bootstrap";
+
+/// A temporary output directory, removed on drop unless committed.
+pub(crate) struct Staging {
+    tmp: PathBuf,
+    out: PathBuf,
+    committed: bool,
+}
+
+impl Staging {
+    /// `out` must not exist or be an empty directory.
+    pub fn create(out: &Path) -> Result<Self, ConvertError> {
+        match fs::read_dir(out) {
+            Ok(mut it) => {
+                if it.next().is_some() {
+                    return Err(ConvertError::OutputExists(out.to_path_buf()));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ConvertError::io(out, e)),
+        }
+        let name = out
+            .file_name()
+            .ok_or_else(|| ConvertError::OutputExists(out.to_path_buf()))?
+            .to_string_lossy()
+            .into_owned();
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        fs::create_dir_all(&parent).map_err(|e| ConvertError::io(&parent, e))?;
+        let tmp = parent.join(format!(".{name}.kite-tmp-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        let blobs = tmp.join("blobs").join("sha256");
+        fs::create_dir_all(&blobs).map_err(|e| ConvertError::io(&blobs, e))?;
+        Ok(Self {
+            tmp,
+            out: out.to_path_buf(),
+            committed: false,
+        })
+    }
+
+    pub fn final_path(&self) -> &Path {
+        &self.out
+    }
+
+    fn blob_dir(&self) -> PathBuf {
+        self.tmp.join("blobs").join("sha256")
+    }
+
+    pub fn temp_blob_path(&self, layer: usize) -> PathBuf {
+        self.blob_dir().join(format!(".layer-{layer}.tmp"))
+    }
+
+    /// Move the finished directory into place.
+    pub fn commit(mut self) -> Result<(), ConvertError> {
+        if let Ok(f) = fs::File::open(&self.tmp) {
+            let _ = f.sync_all();
+        }
+        // An empty existing directory is replaced; rename(2) does that
+        // atomically for directories.
+        fs::rename(&self.tmp, &self.out).map_err(|e| ConvertError::io(&self.out, e))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+pub(crate) struct Built {
+    pub bootstrap_digest: Digest,
+    pub bootstrap_size: u64,
+    pub manifest_digest: String,
+}
+
+#[derive(Serialize)]
+struct KiteConfig<'a> {
+    #[serde(rename = "kiteFormat")]
+    kite_format: u32,
+    #[serde(rename = "chunkSize")]
+    chunk_size: u32,
+    #[serde(rename = "sourceManifest", skip_serializing_if = "Option::is_none")]
+    source_manifest: Option<&'a str>,
+    bootstrap: String,
+    blobs: Vec<String>,
+}
+
+pub(crate) fn write(
+    staging: &Staging,
+    tree: Tree,
+    blobs: &[(BlobEntry, PathBuf, Option<String>)],
+    opts: &ConvertOptions,
+    source_manifest: Option<&str>,
+    source_ref: Option<&str>,
+) -> Result<Built, ConvertError> {
+    let blob_dir = staging.blob_dir();
+    // Data blobs: rename temp files to their digest.
+    let mut layer_descs = Vec::new();
+    for (entry, tmp, src) in blobs {
+        let hex = entry.record.digest.hex();
+        let dst = blob_dir.join(&hex);
+        fs::rename(tmp, &dst).map_err(|e| ConvertError::io(&dst, e))?;
+        let mut annotations = BTreeMap::new();
+        if let Some(s) = src {
+            annotations.insert(kite_oci::ANNOTATION_SOURCE_LAYER.to_string(), s.clone());
+        }
+        layer_descs.push(Descriptor {
+            media_type: media::KITE_BLOB.into(),
+            digest: entry.record.digest.oci(),
+            size: entry.record.compressed_size,
+            platform: None,
+            annotations,
+            artifact_type: None,
+        });
+    }
+
+    // Bootstrap = EROFS image + index section.
+    let entries: Vec<BlobEntry> = blobs.iter().map(|(e, _, _)| e.clone()).collect();
+    let index = encode_index(opts.chunk_size.bytes(), &entries);
+    let devices: Vec<Device> = entries
+        .iter()
+        .map(|e| {
+            let mut tag = [0u8; 64];
+            tag.copy_from_slice(e.record.digest.hex().as_bytes());
+            let blocks = u32::try_from(e.record.uncompressed_size / 4096)
+                .map_err(|_| ConvertError::Internal("blob larger than 16 TiB"))?;
+            Ok(Device { tag, blocks })
+        })
+        .collect::<Result<_, ConvertError>>()?;
+    // A stable volume identity derived from the content.
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&Digest::of(&index).0[..16]);
+    let mut volume_name = [0u8; 16];
+    volume_name[..4].copy_from_slice(b"kite");
+    let mut bootstrap =
+        kite_erofs::write_image(&tree, &devices, &ImageOptions { uuid, volume_name })?;
+    drop(tree);
+    bootstrap.extend_from_slice(&index);
+    // Check what we wrote parses, before anybody else trusts it.
+    kite_format::Bootstrap::parse(&bootstrap)?;
+    let boot_digest = Digest::of(&bootstrap);
+    let boot_path = blob_dir.join(boot_digest.hex());
+    write_synced(&boot_path, &bootstrap)?;
+    let link = staging.tmp.join(BOOTSTRAP_NAME);
+    fs::hard_link(&boot_path, &link).map_err(|e| ConvertError::io(&link, e))?;
+
+    let config = KiteConfig {
+        kite_format: kite_format::index::INDEX_VERSION,
+        chunk_size: opts.chunk_size.bytes(),
+        source_manifest,
+        bootstrap: boot_digest.oci(),
+        blobs: entries.iter().map(|e| e.record.digest.oci()).collect(),
+    };
+    let config_bytes =
+        serde_json::to_vec(&config).map_err(|_| ConvertError::Internal("config JSON"))?;
+    let config_digest = kite_oci::write_blob(&staging.tmp, &config_bytes)?;
+
+    let mut layers = vec![Descriptor {
+        media_type: media::KITE_BOOTSTRAP.into(),
+        digest: boot_digest.oci(),
+        size: bootstrap.len() as u64,
+        platform: None,
+        annotations: BTreeMap::new(),
+        artifact_type: None,
+    }];
+    layers.extend(layer_descs);
+    let mut annotations = BTreeMap::new();
+    if let Some(s) = source_manifest {
+        annotations.insert(
+            kite_oci::ANNOTATION_SOURCE_DIGEST.to_string(),
+            s.to_string(),
+        );
+    }
+    if let Some(r) = source_ref {
+        annotations.insert(kite_oci::ANNOTATION_SOURCE_REF.to_string(), r.to_string());
+    }
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: Some(media::OCI_MANIFEST.into()),
+        artifact_type: Some(media::KITE_ARTIFACT.into()),
+        config: Descriptor {
+            media_type: media::KITE_CONFIG.into(),
+            digest: config_digest,
+            size: config_bytes.len() as u64,
+            platform: None,
+            annotations: BTreeMap::new(),
+            artifact_type: None,
+        },
+        layers,
+        annotations,
+    };
+    let manifest_bytes = serde_json::to_vec_pretty(&manifest)
+        .map_err(|_| ConvertError::Internal("manifest JSON"))?;
+    let manifest_digest = kite_oci::write_blob(&staging.tmp, &manifest_bytes)?;
+    let mut ann = BTreeMap::new();
+    ann.insert(
+        kite_oci::ANNOTATION_REF_NAME.to_string(),
+        source_ref.unwrap_or("latest").to_string(),
+    );
+    kite_oci::write_layout_index(
+        &staging.tmp,
+        Descriptor {
+            media_type: media::OCI_MANIFEST.into(),
+            digest: manifest_digest.clone(),
+            size: manifest_bytes.len() as u64,
+            platform: None,
+            annotations: ann,
+            artifact_type: Some(media::KITE_ARTIFACT.into()),
+        },
+    )?;
+    Ok(Built {
+        bootstrap_digest: boot_digest,
+        bootstrap_size: bootstrap.len() as u64,
+        manifest_digest,
+    })
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> Result<(), ConvertError> {
+    use std::io::Write;
+    let mut f = fs::File::create(path).map_err(|e| ConvertError::io(path, e))?;
+    f.write_all(data).map_err(|e| ConvertError::io(path, e))?;
+    f.sync_all().map_err(|e| ConvertError::io(path, e))
+}
