@@ -128,7 +128,7 @@ fn finish(r: Result<(), EntryError>, label: &str, rel: &[u8]) -> Result<(), Conv
         }),
         Err(EntryError::Read(source)) => Err(ConvertError::Stream {
             layer: label.to_string(),
-            after: Some(entry),
+            at: format!(" reading file {entry:?}"),
             source,
         }),
         Err(EntryError::Fatal(e)) => Err(e),

@@ -13,6 +13,7 @@ use kite_oci::Compression;
 use sha2::{Digest as _, Sha256};
 
 use crate::blob::{BlobBuilder, ChunkStore};
+use crate::tarstream::{kind, TarEntry, TarReader};
 use crate::tree::{split_path, MergedTree, TreeError};
 use crate::{ConvertError, Progress};
 
@@ -191,34 +192,6 @@ impl<R: Read> Read for DigestReader<'_, R> {
     }
 }
 
-/// Counts uncompressed tar bytes and keeps the last 512 bytes seen, so a tar
-/// stream that stops without its end-of-archive block can be detected.
-struct TailReader<R> {
-    inner: R,
-    count: u64,
-    tail: [u8; 512],
-    tail_len: usize,
-}
-
-impl<R: Read> Read for TailReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count += n as u64;
-        let got = &buf[..n];
-        if got.len() >= 512 {
-            self.tail.copy_from_slice(&got[got.len() - 512..]);
-            self.tail_len = 512;
-        } else if !got.is_empty() {
-            let keep = (512 - got.len()).min(self.tail_len);
-            self.tail
-                .copy_within(self.tail_len - keep..self.tail_len, 0);
-            self.tail[keep..keep + got.len()].copy_from_slice(got);
-            self.tail_len = keep + got.len();
-        }
-        Ok(n)
-    }
-}
-
 /// A layer to read from a file.
 pub(crate) struct LayerFile<'a> {
     pub path: &'a Path,
@@ -244,7 +217,10 @@ pub(crate) fn apply_tar_layer(
     };
     let stream_err = |after: &Option<String>, source: io::Error| ConvertError::Stream {
         layer: label.clone(),
-        after: after.clone(),
+        at: after
+            .as_ref()
+            .map(|a| format!(" after tar entry {a:?}"))
+            .unwrap_or_default(),
         source,
     };
     let mut last: Option<String> = None;
@@ -257,62 +233,40 @@ pub(crate) fn apply_tar_layer(
                 zstd::stream::read::Decoder::new(&mut raw).map_err(|e| stream_err(&None, e))?,
             ),
         };
-        let mut tail = TailReader {
-            inner: decoder,
-            count: 0,
-            tail: [0; 512],
-            tail_len: 0,
-        };
-        {
-            let mut archive = tar::Archive::new(&mut tail);
-            let entries = archive.entries().map_err(|e| stream_err(&None, e))?;
-            for entry in entries {
-                let mut entry = entry.map_err(|e| stream_err(&last, e))?;
-                let path = entry.path_bytes().into_owned();
-                let name = lossy(&path);
-                let bad = |why: String| ConvertError::Entry {
-                    layer: label.clone(),
-                    entry: name.clone(),
-                    why,
-                };
-                let Some((kind, meta)) = tar_entry_meta(&mut entry).map_err(bad)? else {
-                    last = Some(name.clone());
-                    continue;
-                };
-                match app.apply(&path, kind, meta, &mut entry) {
-                    Ok(()) => {}
-                    Err(EntryError::Bad(why)) => return Err(bad(why)),
-                    Err(EntryError::Read(e)) => {
-                        return Err(ConvertError::Stream {
-                            layer: label.clone(),
-                            after: Some(format!("{name} (reading its data)")),
-                            source: e,
-                        })
-                    }
-                    Err(EntryError::Fatal(e)) => return Err(e),
+        let mut tr = TarReader::new(decoder);
+        loop {
+            let entry = match tr.next_entry() {
+                Ok(Some(e)) => e,
+                Ok(None) => break,
+                Err(e) => return Err(stream_err(&last, e)),
+            };
+            let name = lossy(&entry.path);
+            let bad = |why: String| ConvertError::Entry {
+                layer: label.clone(),
+                entry: name.clone(),
+                why,
+            };
+            let (kind, meta) = entry_meta(&entry).map_err(bad)?;
+            match app.apply(&entry.path, kind, meta, &mut tr) {
+                Ok(()) => {}
+                Err(EntryError::Bad(why)) => return Err(bad(why)),
+                Err(EntryError::Read(e)) => {
+                    return Err(ConvertError::Stream {
+                        layer: label.clone(),
+                        at: format!(" in the data of tar entry {name:?}"),
+                        source: e,
+                    })
                 }
-                last = Some(name);
+                Err(EntryError::Fatal(e)) => return Err(e),
             }
-        }
-        if tail.tail_len == 0 && tail.count == 0 {
-            return Err(stream_err(
-                &None,
-                io::Error::new(io::ErrorKind::UnexpectedEof, "empty layer stream"),
-            ));
-        }
-        if tail.tail[..tail.tail_len].iter().any(|&b| b != 0) {
-            return Err(stream_err(
-                &last,
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "tar stream ends without its end-of-archive block (truncated)",
-                ),
-            ));
+            last = Some(name);
         }
         // Read the rest of the decompressed stream so a truncated or corrupt
         // compressed stream is detected even after the tar's end block.
-        io::copy(&mut tail, &mut io::sink()).map_err(|e| stream_err(&last, e))?;
-        tar_bytes = tail.count;
+        let archive_bytes = tr.position;
+        let mut rest = tr.into_inner();
+        let trailing = io::copy(&mut rest, &mut io::sink()).map_err(|e| stream_err(&last, e))?;
+        tar_bytes = archive_bytes + trailing;
     }
     io::copy(&mut raw, &mut io::sink()).map_err(|e| stream_err(&last, e))?;
     let actual = format!("sha256:{}", hex::encode(raw.hasher.finalize()));
@@ -326,122 +280,25 @@ pub(crate) fn apply_tar_layer(
     Ok(tar_bytes)
 }
 
-/// Decode a tar entry's kind and metadata, with PAX overrides (uid, gid,
-/// mtime with fractions, `SCHILY.xattr.*`). `None` for entries that carry no
-/// file (global headers).
-fn tar_entry_meta<R: Read>(
-    entry: &mut tar::Entry<'_, R>,
-) -> Result<Option<(EntryKind, Metadata)>, String> {
-    use tar::EntryType as T;
-    let h = entry.header();
-    let et = h.entry_type();
-    let mode = h.mode().map_err(|e| format!("bad mode: {e}"))?;
-    let mut meta = Metadata {
-        perm: (mode & 0o7777) as u16,
-        uid: h.uid().map_err(|e| format!("bad uid: {e}"))? as u32,
-        gid: h.gid().map_err(|e| format!("bad gid: {e}"))? as u32,
-        mtime: h.mtime().map_err(|e| format!("bad mtime: {e}"))?,
-        mtime_nsec: 0,
-        xattrs: Vec::new(),
+/// Map a tar entry to the applier's kind and metadata.
+fn entry_meta(e: &TarEntry) -> Result<(EntryKind, Metadata), String> {
+    let meta = Metadata {
+        perm: (e.mode & 0o7777) as u16,
+        uid: u32::try_from(e.uid).map_err(|_| format!("uid {} too large", e.uid))?,
+        gid: u32::try_from(e.gid).map_err(|_| format!("gid {} too large", e.gid))?,
+        mtime: e.mtime,
+        mtime_nsec: e.mtime_nsec,
+        xattrs: e.xattrs.clone(),
     };
-    let dev = |h: &tar::Header| -> Result<(u32, u32), String> {
-        let ma = h
-            .device_major()
-            .map_err(|e| format!("bad device major: {e}"))?;
-        let mi = h
-            .device_minor()
-            .map_err(|e| format!("bad device minor: {e}"))?;
-        Ok((ma.unwrap_or(0), mi.unwrap_or(0)))
+    let kind = match e.kind {
+        kind::REGULAR | kind::REGULAR_OLD | kind::CONTIGUOUS => EntryKind::File,
+        kind::DIR => EntryKind::Dir,
+        kind::SYMLINK => EntryKind::Symlink(e.link.clone()),
+        kind::LINK => EntryKind::Hardlink(e.link.clone()),
+        kind::CHAR => EntryKind::Char(e.dev_major, e.dev_minor),
+        kind::BLOCK => EntryKind::Block(e.dev_major, e.dev_minor),
+        kind::FIFO => EntryKind::Fifo,
+        other => return Err(format!("unsupported tar entry type {:?}", other as char)),
     };
-    let link = || -> Result<Vec<u8>, String> {
-        Ok(entry
-            .link_name_bytes()
-            .ok_or_else(|| "link entry without a target".to_string())?
-            .into_owned())
-    };
-    let kind = match et {
-        T::Regular | T::Continuous | T::GNUSparse => EntryKind::File,
-        T::Directory => EntryKind::Dir,
-        T::Symlink => EntryKind::Symlink(link()?),
-        T::Link => EntryKind::Hardlink(link()?),
-        T::Char => {
-            let (a, b) = dev(h)?;
-            EntryKind::Char(a, b)
-        }
-        T::Block => {
-            let (a, b) = dev(h)?;
-            EntryKind::Block(a, b)
-        }
-        T::Fifo => EntryKind::Fifo,
-        T::XGlobalHeader => return Ok(None),
-        other => {
-            return Err(format!(
-                "unsupported tar entry type {:?}",
-                other.as_byte() as char
-            ))
-        }
-    };
-    if let Some(exts) = entry
-        .pax_extensions()
-        .map_err(|e| format!("bad PAX header: {e}"))?
-    {
-        for ext in exts {
-            let ext = ext.map_err(|e| format!("bad PAX record: {e}"))?;
-            let key = ext.key_bytes();
-            let value = ext.value_bytes();
-            let num = |what: &str| -> Result<u64, String> {
-                std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| format!("bad PAX {what} {:?}", lossy(value)))
-            };
-            if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                meta.xattrs.push((name.to_vec(), value.to_vec()));
-            } else if key == b"uid" {
-                meta.uid =
-                    u32::try_from(num("uid")?).map_err(|_| "PAX uid too large".to_string())?;
-            } else if key == b"gid" {
-                meta.gid =
-                    u32::try_from(num("gid")?).map_err(|_| "PAX gid too large".to_string())?;
-            } else if key == b"mtime" {
-                let (secs, nsec) = parse_pax_time(value)
-                    .ok_or_else(|| format!("bad PAX mtime {:?}", lossy(value)))?;
-                meta.mtime = secs;
-                meta.mtime_nsec = nsec;
-            }
-        }
-    }
-    Ok(Some((kind, meta)))
-}
-
-/// `1700000000.123456789` -> (secs, nsec). Negative times clamp to 0.
-fn parse_pax_time(v: &[u8]) -> Option<(u64, u32)> {
-    let s = std::str::from_utf8(v).ok()?;
-    if s.starts_with('-') {
-        return Some((0, 0));
-    }
-    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
-    let secs: u64 = secs.parse().ok()?;
-    if !frac.bytes().all(|c| c.is_ascii_digit()) {
-        return None;
-    }
-    let mut digits: String = frac.chars().take(9).collect();
-    while digits.len() < 9 {
-        digits.push('0');
-    }
-    Some((secs, digits.parse().ok()?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pax_time_parsing() {
-        assert_eq!(parse_pax_time(b"12"), Some((12, 0)));
-        assert_eq!(parse_pax_time(b"12.5"), Some((12, 500_000_000)));
-        assert_eq!(parse_pax_time(b"12.1234567891"), Some((12, 123_456_789)));
-        assert_eq!(parse_pax_time(b"-5.2"), Some((0, 0)));
-        assert_eq!(parse_pax_time(b"x"), None);
-    }
+    Ok((kind, meta))
 }

@@ -19,6 +19,7 @@ mod dirsrc;
 pub mod inspect;
 mod layer;
 mod output;
+pub mod tarstream;
 pub mod tree;
 
 use std::path::{Path, PathBuf};
@@ -39,10 +40,11 @@ pub enum ConvertError {
         entry: String,
         why: String,
     },
-    #[error("layer {layer}: reading the stream{}: {source}", after.as_ref().map(|a| format!(" after tar entry {a:?}")).unwrap_or_default())]
+    #[error("layer {layer}: reading the stream{at}: {source}")]
     Stream {
         layer: String,
-        after: Option<String>,
+        /// Where in the stream, e.g. ` at tar entry "x"` (may be empty).
+        at: String,
         #[source]
         source: std::io::Error,
     },

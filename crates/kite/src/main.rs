@@ -91,7 +91,18 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kite: error: {e:#}");
+            // Print the cause chain, skipping causes a message already quotes.
+            let mut msg = String::new();
+            for cause in e.chain() {
+                let t = cause.to_string();
+                if !msg.contains(&t) {
+                    if !msg.is_empty() {
+                        msg.push_str(": ");
+                    }
+                    msg.push_str(&t);
+                }
+            }
+            eprintln!("kite: error: {msg}");
             ExitCode::from(1)
         }
     }

@@ -1,0 +1,199 @@
+//! `kite check` finds corruption anywhere in a blob; conversion is
+//! reproducible; dedup across layers shows in `inspect`; `unpack` refuses
+//! blobs that are not part of the image.
+
+mod util;
+use std::path::Path;
+use util::*;
+
+fn convert_example(dir: &Path, extra: &[&str]) -> std::path::PathBuf {
+    let img = dir.join("img");
+    if !img.exists() {
+        py("ocigen.py", &["example", img.to_str().unwrap()]);
+    }
+    let out = dir.join(format!("conv{}", extra.join("")));
+    let mut args = vec!["convert", "--quiet", "--from"];
+    let from = format!("oci:{}", img.display());
+    args.push(&from);
+    args.push("--to");
+    args.push(out.to_str().unwrap());
+    args.extend_from_slice(extra);
+    kite_ok(&args);
+    out
+}
+
+#[test]
+fn check_catches_a_flipped_byte_in_every_blob() {
+    let dir = tempdir();
+    let conv = convert_example(dir.path(), &[]);
+    let boot = conv.join("bootstrap");
+    let boot_s = boot.to_str().unwrap();
+    let conv_s = conv.to_str().unwrap();
+    let ok = kite_ok(&["check", boot_s, "--blobs", conv_s]);
+    assert!(ok.starts_with("ok:"), "{ok}");
+    let blobs: Vec<String> = kite_ok(&["inspect", boot_s, "--blobs-only"])
+        .lines()
+        .map(String::from)
+        .collect();
+    assert!(
+        blobs.len() >= 2,
+        "example image should have several blobs: {blobs:?}"
+    );
+    for hex in &blobs {
+        let path = conv.join("blobs/sha256").join(hex);
+        let orig = std::fs::read(&path).unwrap();
+        for pos in [0, orig.len() / 3, orig.len() / 2, orig.len() - 1] {
+            let mut bad = orig.clone();
+            bad[pos] ^= 0x01;
+            std::fs::write(&path, &bad).unwrap();
+            let r = kite(&["check", boot_s, "--blobs", conv_s]);
+            let stderr = String::from_utf8_lossy(&r.stderr);
+            assert_eq!(
+                r.status.code(),
+                Some(1),
+                "flip at {pos} of {hex} not caught"
+            );
+            assert!(
+                stderr.contains(hex.as_str()),
+                "error does not name blob {hex}: {stderr}"
+            );
+            assert!(
+                stderr.contains("chunk "),
+                "error does not name the chunk: {stderr}"
+            );
+        }
+        std::fs::write(&path, &orig).unwrap();
+    }
+    kite_ok(&["check", boot_s, "--blobs", conv_s]);
+}
+
+#[test]
+fn check_names_the_exact_chunk() {
+    let dir = tempdir();
+    let conv = convert_example(dir.path(), &["--chunk-size", "64K"]);
+    let boot = conv.join("bootstrap");
+    let boot_s = boot.to_str().unwrap();
+    let hex = kite_ok(&["inspect", boot_s, "--blobs-only"])
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    let path = conv.join("blobs/sha256").join(&hex);
+    let mut data = std::fs::read(&path).unwrap();
+    let last = data.len() - 1;
+    data[last] ^= 0xff;
+    std::fs::write(&path, &data).unwrap();
+    let r = kite(&["check", boot_s, "--blobs", conv.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    // The last byte belongs to the last chunk of the blob.
+    let summary = kite_ok(&["inspect", boot_s, "--summary"]);
+    let line = summary.lines().find(|l| l.contains(&hex)).unwrap();
+    let chunks: usize = line
+        .split("chunks")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        stderr.contains(&format!("chunk {}", chunks - 1)),
+        "expected chunk {} in: {stderr}",
+        chunks - 1
+    );
+}
+
+#[test]
+fn conversion_is_byte_reproducible() {
+    let dir = tempdir();
+    let a = convert_example(dir.path(), &[]);
+    let b = convert_example(dir.path(), &["--threads", "1"]);
+    let ra = std::fs::read(a.join("bootstrap")).unwrap();
+    let rb = std::fs::read(b.join("bootstrap")).unwrap();
+    assert!(ra == rb, "bootstraps differ between runs");
+    assert_eq!(
+        std::fs::read(a.join("index.json")).unwrap(),
+        std::fs::read(b.join("index.json")).unwrap()
+    );
+}
+
+#[test]
+fn unpack_refuses_a_foreign_blob_and_leaves_no_output() {
+    let dir = tempdir();
+    let conv = convert_example(dir.path(), &[]);
+    let foreign = dir.path().join("foreign");
+    std::fs::write(&foreign, b"not a blob").unwrap();
+    let out = dir.path().join("raw");
+    let r = kite(&[
+        "unpack",
+        "--bootstrap",
+        conv.join("bootstrap").to_str().unwrap(),
+        foreign.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("not a blob of this bootstrap"));
+    assert!(!out.exists());
+}
+
+#[test]
+fn oci_output_names_bootstrap_and_blobs() {
+    let dir = tempdir();
+    let conv = convert_example(dir.path(), &[]);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(conv.join("index.json")).unwrap()).unwrap();
+    let mdigest = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            conv.join("blobs/sha256")
+                .join(mdigest.trim_start_matches("sha256:")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(
+        layers[0]["mediaType"],
+        "application/vnd.kite.bootstrap.v1.erofs"
+    );
+    let boot = std::fs::read(conv.join("bootstrap")).unwrap();
+    use sha2::Digest;
+    assert_eq!(
+        layers[0]["digest"].as_str().unwrap(),
+        format!("sha256:{}", hex(&sha2::Sha256::digest(&boot)))
+    );
+    let src = manifest["annotations"]["dev.kite.source.manifest.digest"]
+        .as_str()
+        .unwrap();
+    assert!(src.starts_with("sha256:"));
+    let blobs = kite_ok(&[
+        "inspect",
+        conv.join("bootstrap").to_str().unwrap(),
+        "--blobs-only",
+    ]);
+    let listed: Vec<String> = layers[1..]
+        .iter()
+        .map(|l| {
+            l["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(blobs.lines().map(String::from).collect::<Vec<_>>(), listed);
+    for hexd in &listed {
+        let data = std::fs::read(conv.join("blobs/sha256").join(hexd)).unwrap();
+        assert_eq!(
+            &hex(&sha2::Sha256::digest(&data)),
+            hexd,
+            "blob file not named by its digest"
+        );
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
