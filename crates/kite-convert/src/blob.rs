@@ -1,17 +1,23 @@
-//! Building one data blob: chunk dedup, parallel compression, ordered write.
+//! Building one data blob: parallel hashing and compression, then dedup,
+//! placement and an ordered write.
 //!
-//! The reading thread hands each chunk to [`BlobBuilder::add_chunk`], which
-//! decides everything that must be known at once (hole? duplicate of a chunk
-//! already stored in this image? where it goes in the uncompressed layout)
-//! and returns the chunk's EROFS address. Compression runs on a pool of
-//! worker threads; a writer thread puts results into the blob file in
-//! submission order and hashes them. A semaphore bounds the chunks in
-//! flight, so memory stays flat whatever the image size.
+//! The reading thread only cuts file data into chunks and hands each to
+//! [`BlobBuilder::add_chunk`], which returns a *pending* chunk reference (a
+//! sequence number across the whole image) at once. Worker threads hash,
+//! detect all-zero chunks and compress. A writer thread takes results in
+//! submission order and decides, deterministically, what each chunk is: a
+//! hole, a duplicate of a chunk already stored in this image (any layer), or
+//! a new chunk placed at the next 4 KiB-aligned offset of this blob's
+//! uncompressed layout and appended to the blob file. Pending references
+//! are resolved with [`ChunkStore::resolve`] when all layers are done.
+//!
+//! A semaphore bounds chunks in flight, so memory stays flat whatever the
+//! image size. Duplicates cost a wasted compression, never a wrong result.
 //!
 //! Concurrency model: std threads and channels (the converter is CPU-bound
 //! and never links tokio). If the builder is dropped without `finish`, the
-//! channels close, the threads exit, and the temporary file is left for the
-//! caller's temporary output directory to remove.
+//! channels close and the threads exit; the temporary blob file is removed
+//! with the caller's staging directory.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -21,22 +27,49 @@ use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use kite_erofs::ChunkIndex;
+use kite_erofs::{ChunkIndex, FileData, NodeKind, Tree};
 use kite_format::{align4k, BlobEntry, BlobRecord, ChunkEncoder, ChunkRecord, Digest};
 use sha2::{Digest as _, Sha256};
 
 use crate::ConvertError;
 
-/// Image-wide dedup table: chunk digest -> where it is stored.
+/// Device id marking a pending reference; `blkaddr` holds the sequence.
+const PENDING: u16 = u16::MAX;
+
+/// Image-wide chunk table: dedup map, resolution of pending references,
+/// and statistics. Moves into each blob's writer thread and back.
 #[derive(Default)]
 pub struct ChunkStore {
     map: HashMap<Digest, ChunkIndex>,
-    /// Chunks referenced (including duplicates and holes excluded).
+    /// Final address of every pending reference, by sequence number.
+    resolved: Vec<ChunkIndex>,
+    /// Next sequence number to hand out.
+    next_seq: u64,
+    /// Non-hole chunk references.
     pub referenced: u64,
-    /// Chunks that were duplicates of an already stored chunk.
+    /// References that were duplicates of an already stored chunk.
     pub deduplicated: u64,
     /// Bytes saved by dedup (uncompressed).
     pub dedup_bytes: u64,
+}
+
+impl ChunkStore {
+    /// Replace every pending chunk reference in `tree` by its final address.
+    pub fn resolve(&self, tree: &mut Tree) -> Result<(), ConvertError> {
+        for node in &mut tree.nodes {
+            if let NodeKind::File(FileData::Chunked { chunks, .. }) = &mut node.kind {
+                for c in chunks.iter_mut() {
+                    if c.device_id == PENDING {
+                        *c = *self
+                            .resolved
+                            .get(c.blkaddr as usize)
+                            .ok_or(ConvertError::Internal("unresolved chunk reference"))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 struct Job {
@@ -44,39 +77,50 @@ struct Job {
     data: Vec<u8>,
 }
 
-struct Done {
-    seq: u64,
-    stored: Vec<u8>,
-    flags: u32,
+enum Outcome {
+    Hole,
+    Data {
+        digest: Digest,
+        len: u32,
+        stored: Vec<u8>,
+        flags: u32,
+    },
 }
 
-/// Outcome of the writer thread.
+struct Done {
+    seq: u64,
+    outcome: Outcome,
+}
+
+/// What the writer thread hands back.
 struct Written {
+    store: ChunkStore,
     digest: Digest,
     size: u64,
-    placed: Vec<(u64, u32, u32)>, // per seq: compressed offset, size, flags
+    uncompressed: u64,
+    chunks: Vec<ChunkRecord>,
 }
 
 pub struct BlobBuilder {
-    device_id: u16,
-    next_uoff: u64,
-    pending: Vec<(Digest, u64, u32)>, // per seq: digest, uncompressed offset, size
+    first_seq: u64,
+    next_seq: u64,
     jobs: Option<SyncSender<Job>>,
     tokens: Receiver<()>,
     workers: Vec<JoinHandle<Result<(), ConvertError>>>,
     writer: Option<JoinHandle<Result<Written, ConvertError>>>,
     path: PathBuf,
-    zero: Vec<u8>,
 }
 
 impl BlobBuilder {
     /// Start a blob that will be device `device_id`, written to `path`.
+    /// The store moves into the pipeline and comes back from `finish`.
     pub fn new(
         path: &Path,
         device_id: u16,
         chunk_size: u32,
         level: i32,
         threads: usize,
+        store: ChunkStore,
     ) -> Result<Self, ConvertError> {
         let file = File::create(path).map_err(|e| ConvertError::io(path, e))?;
         let threads = threads.max(1);
@@ -94,6 +138,7 @@ impl BlobBuilder {
             let rx = Arc::clone(&job_rx);
             let tx = done_tx.clone();
             let mut enc = ChunkEncoder::new(level)?;
+            let zero = vec![0u8; chunk_size as usize];
             workers.push(std::thread::spawn(move || -> Result<(), ConvertError> {
                 loop {
                     let job = {
@@ -103,14 +148,25 @@ impl BlobBuilder {
                         guard.recv()
                     };
                     let Ok(job) = job else { return Ok(()) };
-                    let r = enc
-                        .encode(&job.data)
-                        .map(|(stored, flags)| Done {
+                    let r = if job.data[..] == zero[..job.data.len()] {
+                        Ok(Done {
                             seq: job.seq,
-                            stored,
-                            flags,
+                            outcome: Outcome::Hole,
                         })
-                        .map_err(ConvertError::Format);
+                    } else {
+                        let digest = Digest::of(&job.data);
+                        enc.encode(&job.data)
+                            .map(|(stored, flags)| Done {
+                                seq: job.seq,
+                                outcome: Outcome::Data {
+                                    digest,
+                                    len: job.data.len() as u32,
+                                    stored,
+                                    flags,
+                                },
+                            })
+                            .map_err(ConvertError::Format)
+                    };
                     if tx.send(r).is_err() {
                         return Ok(());
                     }
@@ -119,47 +175,28 @@ impl BlobBuilder {
         }
         drop(done_tx);
         let wpath = path.to_path_buf();
-        let writer = std::thread::spawn(move || write_ordered(file, &wpath, done_rx, token_tx));
+        let first_seq = store.next_seq;
+        let writer = std::thread::spawn(move || {
+            write_ordered(file, &wpath, device_id, first_seq, store, done_rx, token_tx)
+        });
         Ok(Self {
-            device_id,
-            next_uoff: 0,
-            pending: Vec::new(),
+            first_seq,
+            next_seq: first_seq,
             jobs: Some(job_tx),
             tokens: token_rx,
             workers,
             writer: Some(writer),
             path: path.to_path_buf(),
-            zero: vec![0u8; chunk_size as usize],
         })
     }
 
-    /// Place one chunk (at most one chunk size long) and return its address.
-    pub fn add_chunk(
-        &mut self,
-        data: Vec<u8>,
-        store: &mut ChunkStore,
-    ) -> Result<ChunkIndex, ConvertError> {
-        if data[..] == self.zero[..data.len()] {
-            return Ok(ChunkIndex::HOLE);
-        }
-        store.referenced += 1;
-        let digest = Digest::of(&data);
-        if let Some(ci) = store.map.get(&digest) {
-            store.deduplicated += 1;
-            store.dedup_bytes += data.len() as u64;
-            return Ok(*ci);
-        }
-        let uoff = self.next_uoff;
-        let blkaddr = u32::try_from(uoff / 4096)
-            .map_err(|_| ConvertError::Internal("blob larger than 16 TiB"))?;
-        self.next_uoff += align4k(data.len() as u64);
-        let ci = ChunkIndex {
-            device_id: self.device_id,
-            blkaddr,
-        };
-        store.map.insert(digest, ci);
-        let seq = self.pending.len() as u64;
-        self.pending.push((digest, uoff, data.len() as u32));
+    /// Submit one chunk (at most one chunk size long); returns a pending
+    /// reference resolved by [`ChunkStore::resolve`].
+    pub fn add_chunk(&mut self, data: Vec<u8>) -> Result<ChunkIndex, ConvertError> {
+        let seq = self.next_seq;
+        let blkaddr =
+            u32::try_from(seq).map_err(|_| ConvertError::Internal("more than 2^32 chunks"))?;
+        self.next_seq += 1;
         // Wait for room; if the pipeline died, report its error.
         if self.tokens.recv().is_err() {
             return Err(self.fail());
@@ -168,7 +205,10 @@ impl BlobBuilder {
         if !matches!(sent, Some(Ok(()))) {
             return Err(self.fail());
         }
-        Ok(ci)
+        Ok(ChunkIndex {
+            device_id: PENDING,
+            blkaddr,
+        })
     }
 
     /// Collect the first error of a pipeline that stopped early.
@@ -185,50 +225,43 @@ impl BlobBuilder {
         }
     }
 
-    /// True if no chunk was stored in this blob.
-    pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
-    }
-
-    /// Drain the pipeline; returns the blob's table entry and file path.
-    pub fn finish(mut self, source_layer: Digest) -> Result<(BlobEntry, PathBuf), ConvertError> {
+    /// Drain the pipeline. Returns the store, and the blob's table entry and
+    /// file path unless no chunk was stored in it.
+    pub fn finish(
+        mut self,
+        source_layer: Digest,
+    ) -> Result<(ChunkStore, Option<(BlobEntry, PathBuf)>), ConvertError> {
         self.jobs = None;
         for w in self.workers.drain(..) {
             w.join()
                 .map_err(|_| ConvertError::Internal("compression worker panicked"))??;
         }
-        let written = self
+        let mut w = self
             .writer
             .take()
             .expect("finish runs once")
             .join()
             .map_err(|_| ConvertError::Internal("blob writer panicked"))??;
-        let chunks = self
-            .pending
-            .iter()
-            .zip(&written.placed)
-            .map(
-                |(&(digest, uoff, usize_), &(coff, csize, flags))| ChunkRecord {
-                    digest,
-                    uncompressed_offset: uoff,
-                    compressed_offset: coff,
-                    uncompressed_size: usize_,
-                    compressed_size: csize,
-                    flags,
-                },
-            )
-            .collect();
+        debug_assert_eq!(w.store.resolved.len() as u64, self.next_seq);
+        debug_assert!(self.first_seq <= self.next_seq);
+        w.store.next_seq = self.next_seq;
+        if w.chunks.is_empty() {
+            return Ok((w.store, None));
+        }
         Ok((
-            BlobEntry {
-                record: BlobRecord {
-                    digest: written.digest,
-                    compressed_size: written.size,
-                    uncompressed_size: self.next_uoff,
-                    source_layer,
+            w.store,
+            Some((
+                BlobEntry {
+                    record: BlobRecord {
+                        digest: w.digest,
+                        compressed_size: w.size,
+                        uncompressed_size: w.uncompressed,
+                        source_layer,
+                    },
+                    chunks: w.chunks,
                 },
-                chunks,
-            },
-            self.path.clone(),
+                self.path.clone(),
+            )),
         ))
     }
 }
@@ -236,24 +269,60 @@ impl BlobBuilder {
 fn write_ordered(
     file: File,
     path: &Path,
+    device_id: u16,
+    first_seq: u64,
+    mut store: ChunkStore,
     done: Receiver<Result<Done, ConvertError>>,
     tokens: SyncSender<()>,
 ) -> Result<Written, ConvertError> {
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let mut hasher = Sha256::new();
     let mut waiting: BTreeMap<u64, Done> = BTreeMap::new();
-    let mut next = 0u64;
+    let mut next = first_seq;
     let mut offset = 0u64;
-    let mut placed = Vec::new();
+    let mut uoff = 0u64;
+    let mut chunks = Vec::new();
     for r in done {
         let d = r?;
         waiting.insert(d.seq, d);
         while let Some(d) = waiting.remove(&next) {
-            out.write_all(&d.stored)
-                .map_err(|e| ConvertError::io(path, e))?;
-            hasher.update(&d.stored);
-            placed.push((offset, d.stored.len() as u32, d.flags));
-            offset += d.stored.len() as u64;
+            let addr = match d.outcome {
+                Outcome::Hole => ChunkIndex::HOLE,
+                Outcome::Data {
+                    digest,
+                    len,
+                    stored,
+                    flags,
+                } => {
+                    store.referenced += 1;
+                    if let Some(existing) = store.map.get(&digest) {
+                        store.deduplicated += 1;
+                        store.dedup_bytes += len as u64;
+                        *existing
+                    } else {
+                        let blkaddr = u32::try_from(uoff / 4096)
+                            .map_err(|_| ConvertError::Internal("blob larger than 16 TiB"))?;
+                        out.write_all(&stored)
+                            .map_err(|e| ConvertError::io(path, e))?;
+                        hasher.update(&stored);
+                        chunks.push(ChunkRecord {
+                            digest,
+                            uncompressed_offset: uoff,
+                            compressed_offset: offset,
+                            uncompressed_size: len,
+                            compressed_size: stored.len() as u32,
+                            flags,
+                        });
+                        offset += stored.len() as u64;
+                        uoff += align4k(len as u64);
+                        let ci = ChunkIndex { device_id, blkaddr };
+                        store.map.insert(digest, ci);
+                        ci
+                    }
+                }
+            };
+            debug_assert_eq!(store.resolved.len() as u64, next);
+            store.resolved.push(addr);
             next += 1;
             // Free a slot; the reader may have finished already.
             let _ = tokens.try_send(());
@@ -267,8 +336,10 @@ fn write_ordered(
         .map_err(|e| ConvertError::io(path, e.into_error()))?;
     file.sync_all().map_err(|e| ConvertError::io(path, e))?;
     Ok(Written {
+        store,
         digest: Digest(hasher.finalize().into()),
         size: offset,
-        placed,
+        uncompressed: uoff,
+        chunks,
     })
 }

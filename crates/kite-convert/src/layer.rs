@@ -12,7 +12,7 @@ use kite_erofs::{FileData, Metadata, NodeKind};
 use kite_oci::Compression;
 use sha2::{Digest as _, Sha256};
 
-use crate::blob::{BlobBuilder, ChunkStore};
+use crate::blob::BlobBuilder;
 use crate::tarstream::{kind, TarEntry, TarReader};
 use crate::tree::{split_path, MergedTree, TreeError};
 use crate::{ConvertError, Progress};
@@ -50,7 +50,6 @@ impl From<TreeError> for EntryError {
 pub(crate) struct Applier<'a> {
     pub tree: &'a mut MergedTree,
     pub blob: &'a mut BlobBuilder,
-    pub store: &'a mut ChunkStore,
     pub layer: u32,
     pub chunk_size: u32,
     pub inline_max: u64,
@@ -145,11 +144,7 @@ impl Applier<'_> {
                 ));
             }
             size += n;
-            chunks.push(
-                self.blob
-                    .add_chunk(buf, self.store)
-                    .map_err(EntryError::Fatal)?,
-            );
+            chunks.push(self.blob.add_chunk(buf).map_err(EntryError::Fatal)?);
             if n < self.chunk_size as u64 {
                 // A short read means the end (take() only stops early at EOF).
                 let mut probe = [0u8; 1];

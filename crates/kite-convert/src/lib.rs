@@ -272,11 +272,11 @@ fn run(
             opts.chunk_size.bytes(),
             opts.level,
             opts.threads,
+            std::mem::take(&mut store),
         )?;
         let mut app = layer::Applier {
             tree: &mut tree,
             blob: &mut builder,
-            store: &mut store,
             layer: i as u32,
             chunk_size: opts.chunk_size.bytes(),
             inline_max: opts.inline_max,
@@ -309,21 +309,23 @@ fn run(
         };
         files += app.files;
         file_bytes += app.file_bytes;
-        if builder.is_empty() {
-            drop(builder);
-            std::fs::remove_file(&tmp).map_err(|e| ConvertError::io(&tmp, e))?;
-            empty_layers.push(label);
-            continue;
-        }
         let src_digest = source_layer
             .as_deref()
             .and_then(Digest::parse)
             .unwrap_or(Digest::ZERO);
-        let (entry, path) = builder.finish(src_digest)?;
-        blobs.push((entry, path, source_layer));
+        let (back, built) = builder.finish(src_digest)?;
+        store = back;
+        match built {
+            Some((entry, path)) => blobs.push((entry, path, source_layer)),
+            None => {
+                std::fs::remove_file(&tmp).map_err(|e| ConvertError::io(&tmp, e))?;
+                empty_layers.push(label);
+            }
+        }
     }
     progress.finishing();
-    let erofs_tree = tree.into_erofs_tree();
+    let mut erofs_tree = tree.into_erofs_tree();
+    store.resolve(&mut erofs_tree)?;
     let built = output::write(
         staging,
         erofs_tree,
