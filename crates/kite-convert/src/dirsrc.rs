@@ -41,7 +41,8 @@ pub(crate) fn apply_dir(
             .collect::<Result<_, _>>()
             .map_err(|e| ConvertError::io(&dir, e))?;
         names.sort();
-        for name in names.into_iter().rev() {
+        let mut subdirs = Vec::new();
+        for name in names {
             let path = dir.join(&name);
             let mut r = rel.clone();
             if !r.is_empty() {
@@ -51,9 +52,11 @@ pub(crate) fn apply_dir(
             let md = fs::symlink_metadata(&path).map_err(|e| ConvertError::io(&path, e))?;
             apply_one(&path, &r, &md, app, &mut links, &label, progress)?;
             if md.is_dir() {
-                stack.push((path, r));
+                subdirs.push((path, r));
             }
         }
+        // Visit subdirectories in name order (the stack pops the last first).
+        stack.extend(subdirs.into_iter().rev());
     }
     Ok(app.file_bytes - before)
 }

@@ -1,0 +1,269 @@
+//! One data blob as the daemon serves it: its chunk table, its backend,
+//! what has been fetched, and the fetches in flight.
+//!
+//! Shared by every registered image that uses the blob (images sharing a
+//! layer share this state, as they share the kernel's cache file through
+//! the domain). [`BlobState::ensure`] makes a set of chunks present in a
+//! cache object: chunks already being fetched are awaited, not fetched
+//! again; missing adjacent chunks are fetched together as one range of at
+//! most `merge_bound` stored bytes. Each chunk is decompressed and checked
+//! against its sha256 before it is written; a chunk that fails is never
+//! written, and only the READs that need it fail.
+//!
+//! Cancellation: a fetch runs in its own task, so a READ task that goes
+//! away does not abort a fetch others wait for.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kite_format::{align4k, ChunkDecoder, ChunkRecord, Digest};
+use kite_kernel::cachefiles::CacheObject;
+use kite_kernel::uring::AlignedBuf;
+use tokio::sync::watch;
+
+use crate::backend::{Backend, FetchError};
+
+/// Per-chunk outcome published to waiters: `None` while in flight.
+type Outcome = Option<Result<(), String>>;
+
+pub struct BlobState {
+    pub digest: Digest,
+    pub uncompressed_size: u64,
+    pub compressed_size: u64,
+    pub chunks: Vec<ChunkRecord>,
+    pub backend: Arc<dyn Backend>,
+    inflight: Mutex<HashMap<usize, watch::Receiver<Outcome>>>,
+    /// Chunks written to the cache by this daemon (or found so at start).
+    fetched: Mutex<Vec<bool>>,
+    pub fetched_bytes: AtomicU64,
+    pub fetched_chunks: AtomicU64,
+    /// Chunks refused because their content did not match the digest.
+    pub corrupt_chunks: AtomicU64,
+    pub timeout: Duration,
+}
+
+impl BlobState {
+    pub fn new(
+        digest: Digest,
+        uncompressed_size: u64,
+        compressed_size: u64,
+        chunks: Vec<ChunkRecord>,
+        backend: Arc<dyn Backend>,
+        timeout: Duration,
+    ) -> Self {
+        let n = chunks.len();
+        Self {
+            digest,
+            uncompressed_size,
+            compressed_size,
+            chunks,
+            backend,
+            inflight: Mutex::new(HashMap::new()),
+            fetched: Mutex::new(vec![false; n]),
+            fetched_bytes: AtomicU64::new(0),
+            fetched_chunks: AtomicU64::new(0),
+            corrupt_chunks: AtomicU64::new(0),
+            timeout,
+        }
+    }
+
+    /// Chunk indexes whose padded extents intersect `[off, off + len)`.
+    pub fn chunks_for(&self, off: u64, len: u64) -> std::ops::Range<usize> {
+        let end = off.saturating_add(len);
+        let first = self.chunks.partition_point(|c| c.uncompressed_end() <= off);
+        let last = self.chunks.partition_point(|c| c.uncompressed_offset < end);
+        first..last.max(first)
+    }
+
+    /// The fetched bitmap (for persistence and status).
+    pub fn fetched_map(&self) -> Vec<bool> {
+        self.fetched.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+
+    /// Restore a persisted bitmap (lengths must match).
+    pub fn restore_fetched(&self, map: &[bool]) {
+        if let Ok(mut f) = self.fetched.lock() {
+            if map.len() == f.len() {
+                f.copy_from_slice(map);
+                let n = map.iter().filter(|&&b| b).count() as u64;
+                let bytes: u64 = map
+                    .iter()
+                    .zip(&self.chunks)
+                    .filter(|(b, _)| **b)
+                    .map(|(_, c)| c.uncompressed_size as u64)
+                    .sum();
+                self.fetched_chunks.store(n, Ordering::Relaxed);
+                self.fetched_bytes.store(bytes, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Make chunks `want` present in `object`'s cache file. Returns the
+    /// first failure (naming blob and chunk) if any chunk could not be.
+    pub async fn ensure(
+        self: &Arc<Self>,
+        want: &[usize],
+        object: &Arc<dyn CacheObject>,
+        merge_bound: u64,
+    ) -> Result<(), String> {
+        let waits = self.start(want, object, merge_bound)?;
+        let mut first_err = None;
+        for (i, mut rx) in waits {
+            let r = match rx.wait_for(|o| o.is_some()).await {
+                Ok(v) => v.clone().unwrap_or_else(|| Err("no outcome".into())),
+                Err(_) => Err(format!(
+                    "blob {} chunk {i}: fetch task ended without an outcome",
+                    self.digest
+                )),
+            };
+            if let (Err(e), None) = (r, &first_err) {
+                first_err = Some(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Start fetches for the chunks of `want` that are neither present nor
+    /// in flight, merging adjacent ones; returns a receiver per chunk. Does
+    /// not wait, so a batch of READs can be planned together first.
+    pub fn start(
+        self: &Arc<Self>,
+        want: &[usize],
+        object: &Arc<dyn CacheObject>,
+        merge_bound: u64,
+    ) -> Result<Vec<(usize, watch::Receiver<Outcome>)>, String> {
+        let mut waits: Vec<(usize, watch::Receiver<Outcome>)> = Vec::new();
+        let mut to_fetch: Vec<usize> = Vec::new();
+        {
+            let mut inflight = self
+                .inflight
+                .lock()
+                .map_err(|_| "blob state poisoned".to_string())?;
+            for &i in want {
+                if i >= self.chunks.len() {
+                    return Err(format!("blob {}: chunk {i} does not exist", self.digest));
+                }
+                if let Some(rx) = inflight.get(&i) {
+                    waits.push((i, rx.clone()));
+                } else {
+                    to_fetch.push(i);
+                }
+            }
+            to_fetch.sort_unstable();
+            to_fetch.dedup();
+            // Group into runs of adjacent chunks within the merge bound.
+            let mut start = 0;
+            while start < to_fetch.len() {
+                let mut end = start + 1;
+                let first = &self.chunks[to_fetch[start]];
+                while end < to_fetch.len() {
+                    let prev = &self.chunks[to_fetch[end - 1]];
+                    let next = &self.chunks[to_fetch[end]];
+                    let adjacent = to_fetch[end] == to_fetch[end - 1] + 1
+                        && next.compressed_offset
+                            == prev.compressed_offset + prev.compressed_size as u64;
+                    let span = next.compressed_offset + next.compressed_size as u64
+                        - first.compressed_offset;
+                    if !adjacent || span > merge_bound {
+                        break;
+                    }
+                    end += 1;
+                }
+                let run: Vec<usize> = to_fetch[start..end].to_vec();
+                let mut senders = Vec::new();
+                for &i in &run {
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(i, rx.clone());
+                    waits.push((i, rx));
+                    senders.push(tx);
+                }
+                let me = Arc::clone(self);
+                let obj = Arc::clone(object);
+                tokio::spawn(async move { me.fetch_run(run, senders, obj).await });
+                start = end;
+            }
+        }
+        Ok(waits)
+    }
+
+    /// Fetch chunks `run` (adjacent in the stored blob) in one request,
+    /// verify each, write each into the cache, publish each outcome.
+    async fn fetch_run(
+        self: Arc<Self>,
+        run: Vec<usize>,
+        senders: Vec<watch::Sender<Outcome>>,
+        object: Arc<dyn CacheObject>,
+    ) {
+        let first = self.chunks[run[0]];
+        let last = self.chunks[*run.last().expect("non-empty run")];
+        let start = first.compressed_offset;
+        let end = last.compressed_offset + last.compressed_size as u64;
+        let fetched =
+            match tokio::time::timeout(self.timeout, self.backend.fetch(self.digest, start..end))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(FetchError::Timeout {
+                    blob: self.digest,
+                    start,
+                    end,
+                    secs: self.timeout.as_secs(),
+                }),
+            };
+        let mut decoder = ChunkDecoder::new().ok();
+        let mut plain = Vec::new();
+        for (&i, tx) in run.iter().zip(senders) {
+            let rec = self.chunks[i];
+            let outcome = match &fetched {
+                Err(e) => Err(e.to_string()),
+                Ok(bytes) => {
+                    let off = (rec.compressed_offset - start) as usize;
+                    let stored = &bytes[off..off + rec.compressed_size as usize];
+                    match decoder.as_mut() {
+                        None => Err("zstd decoder unavailable".into()),
+                        Some(d) => match d.decode(self.digest, i, &rec, stored, &mut plain) {
+                            Err(e) => {
+                                self.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(blob = %self.digest, chunk = i, "refusing corrupt chunk: {e}");
+                                Err(e.to_string())
+                            }
+                            Ok(()) => {
+                                // Write the whole padded extent, page-aligned.
+                                let mut buf =
+                                    AlignedBuf::zeroed(align4k(plain.len() as u64) as usize);
+                                buf.as_mut_slice()[..plain.len()].copy_from_slice(&plain);
+                                match object.write_at(rec.uncompressed_offset, buf).await {
+                                    Ok(()) => {
+                                        self.mark_fetched(i);
+                                        Ok(())
+                                    }
+                                    Err(e) => Err(format!(
+                                        "blob {} chunk {i}: writing the cache: {e}",
+                                        self.digest
+                                    )),
+                                }
+                            }
+                        },
+                    }
+                }
+            };
+            if let Ok(mut inflight) = self.inflight.lock() {
+                inflight.remove(&i);
+            }
+            let _ = tx.send(Some(outcome));
+        }
+    }
+
+    fn mark_fetched(&self, i: usize) {
+        if let Ok(mut f) = self.fetched.lock() {
+            if !f[i] {
+                f[i] = true;
+                self.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+                self.fetched_bytes
+                    .fetch_add(self.chunks[i].uncompressed_size as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}

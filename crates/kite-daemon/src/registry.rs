@@ -1,0 +1,136 @@
+//! Registered images and the blobs they use.
+//!
+//! An image is known by its fsid, the hex sha256 of its bootstrap: the
+//! cookie key the kernel sends in the bootstrap's OPEN. Blobs are known by
+//! their digest (the device-table tag the kernel sends as cookie key) and
+//! shared between images. Registration validates the whole bootstrap (EROFS
+//! superblock, index checksum, device table against blob table) before
+//! anything is served from it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kite_format::{Bootstrap, Digest};
+
+use crate::backend::Backend;
+use crate::blob::BlobState;
+use crate::DaemonError;
+
+pub struct Image {
+    pub fsid: String,
+    pub bootstrap: Arc<Vec<u8>>,
+    pub blobs: Vec<Arc<BlobState>>,
+    /// Where it was registered from (for status).
+    pub source: String,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    images: HashMap<String, Arc<Image>>,
+    blobs: HashMap<Digest, Arc<BlobState>>,
+    state_dir: Option<PathBuf>,
+}
+
+impl Registry {
+    pub fn new(state_dir: Option<PathBuf>) -> Self {
+        Self {
+            state_dir,
+            ..Default::default()
+        }
+    }
+
+    /// Register a bootstrap whose blobs come from `backend`.
+    pub fn register(
+        &mut self,
+        bootstrap: Vec<u8>,
+        backend: Arc<dyn Backend>,
+        timeout: Duration,
+        source: String,
+    ) -> Result<Arc<Image>, DaemonError> {
+        let parsed = Bootstrap::parse(&bootstrap).map_err(|e| DaemonError::BadBootstrap {
+            source_name: source.clone(),
+            why: e.to_string(),
+        })?;
+        let fsid = Digest::of(&bootstrap).hex();
+        if let Some(img) = self.images.get(&fsid) {
+            return Ok(Arc::clone(img));
+        }
+        let mut blobs = Vec::new();
+        for view in parsed.index.blobs() {
+            let digest = view.record.digest;
+            let state = match self.blobs.get(&digest) {
+                Some(b) => Arc::clone(b),
+                None => {
+                    let chunks = (0..view.chunk_count)
+                        .map(|c| parsed.index.chunk(&view, c))
+                        .collect();
+                    let b = Arc::new(BlobState::new(
+                        digest,
+                        view.record.uncompressed_size,
+                        view.record.compressed_size,
+                        chunks,
+                        Arc::clone(&backend),
+                        timeout,
+                    ));
+                    if let Some(dir) = &self.state_dir {
+                        if let Some(map) = crate::state::load(dir, &digest) {
+                            b.restore_fetched(&map);
+                        }
+                    }
+                    self.blobs.insert(digest, Arc::clone(&b));
+                    b
+                }
+            };
+            blobs.push(state);
+        }
+        let img = Arc::new(Image {
+            fsid: fsid.clone(),
+            bootstrap: Arc::new(bootstrap),
+            blobs,
+            source,
+        });
+        self.images.insert(fsid, Arc::clone(&img));
+        Ok(img)
+    }
+
+    /// Forget an image; blobs no other image uses are forgotten too.
+    pub fn unregister(&mut self, fsid: &str) -> bool {
+        let Some(img) = self.images.remove(fsid) else {
+            return false;
+        };
+        for b in &img.blobs {
+            let used = self
+                .images
+                .values()
+                .any(|i| i.blobs.iter().any(|x| x.digest == b.digest));
+            if !used {
+                self.blobs.remove(&b.digest);
+            }
+        }
+        true
+    }
+
+    pub fn image(&self, fsid: &str) -> Option<Arc<Image>> {
+        self.images.get(fsid).cloned()
+    }
+
+    pub fn blob(&self, digest: &Digest) -> Option<Arc<BlobState>> {
+        self.blobs.get(digest).cloned()
+    }
+
+    pub fn images(&self) -> Vec<Arc<Image>> {
+        let mut v: Vec<_> = self.images.values().cloned().collect();
+        v.sort_by(|a, b| a.fsid.cmp(&b.fsid));
+        v
+    }
+
+    pub fn blobs(&self) -> Vec<Arc<BlobState>> {
+        self.blobs.values().cloned().collect()
+    }
+
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.state_dir.as_deref()
+    }
+}

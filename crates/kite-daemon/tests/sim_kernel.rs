@@ -1,0 +1,462 @@
+//! The daemon's request handling against a simulated cachefiles kernel:
+//! a scripted queue of OPEN/READ/CLOSE messages, and objects that record
+//! every write and completion. No root, no kernel feature needed.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use kite_daemon::backend::{Backend, Counters, FetchError, FetchFuture, LocalDir};
+use kite_daemon::registry::Registry;
+use kite_daemon::serve::{self, Daemon};
+use kite_format::Digest;
+use kite_kernel::cachefiles::{CacheDevice, CacheObject, Request, WaitFuture, WriteFuture};
+use kite_kernel::uring::AlignedBuf;
+use kite_kernel::KernelError;
+use tokio::sync::Notify;
+
+#[derive(Default)]
+struct SimKernel {
+    queue: Mutex<VecDeque<Request>>,
+    copens: Mutex<Vec<(u32, i64)>>,
+    wake: Notify,
+}
+
+impl SimKernel {
+    fn push(&self, r: Request) {
+        self.queue.lock().unwrap().push_back(r);
+        self.wake.notify_one();
+    }
+    fn copen_of(&self, msg_id: u32) -> Option<i64> {
+        self.copens
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|c| c.0 == msg_id)
+            .map(|c| c.1)
+    }
+}
+
+impl CacheDevice for SimKernel {
+    fn next_request(&self) -> Result<Option<Request>, KernelError> {
+        Ok(self.queue.lock().unwrap().pop_front())
+    }
+    fn copen(&self, msg_id: u32, size: i64) -> Result<(), KernelError> {
+        self.copens.lock().unwrap().push((msg_id, size));
+        Ok(())
+    }
+    fn wait(&self) -> WaitFuture<'_> {
+        Box::pin(async move {
+            self.wake.notified().await;
+            Ok(())
+        })
+    }
+}
+
+/// A cache file in memory.
+#[derive(Default)]
+struct SimObject {
+    writes: Mutex<BTreeMap<u64, Vec<u8>>>,
+    completed: Mutex<Vec<u32>>,
+    done: Notify,
+    dropped: Arc<AtomicBool>,
+}
+
+impl SimObject {
+    fn read(&self, off: u64, len: usize) -> Option<Vec<u8>> {
+        let w = self.writes.lock().unwrap();
+        for (&o, d) in w.range(..=off).rev() {
+            if o <= off && off + len as u64 <= o + d.len() as u64 {
+                let s = (off - o) as usize;
+                return Some(d[s..s + len].to_vec());
+            }
+        }
+        None
+    }
+    fn is_completed(&self, msg_id: u32) -> bool {
+        self.completed.lock().unwrap().contains(&msg_id)
+    }
+    async fn wait_completed(&self, msg_id: u32) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !self.is_completed(msg_id) {
+                let n = self.done.notified();
+                if self.is_completed(msg_id) {
+                    break;
+                }
+                n.await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("READ {msg_id} never completed"));
+    }
+}
+
+impl Drop for SimObject {
+    fn drop(&mut self) {
+        self.dropped.store(true, Ordering::SeqCst);
+    }
+}
+
+impl CacheObject for SimObject {
+    fn write_at(&self, off: u64, buf: AlignedBuf) -> WriteFuture {
+        // The kernel's O_DIRECT rules.
+        assert_eq!(off % 4096, 0, "unaligned offset");
+        assert_eq!(buf.len() % 4096, 0, "unaligned length");
+        assert_eq!(
+            buf.as_slice().as_ptr() as usize % 4096,
+            0,
+            "unaligned buffer"
+        );
+        self.writes
+            .lock()
+            .unwrap()
+            .insert(off, buf.as_slice().to_vec());
+        Box::pin(async { Ok(()) })
+    }
+    fn complete_read(&self, msg_id: u32) -> std::io::Result<()> {
+        let mut c = self.completed.lock().unwrap();
+        assert!(!c.contains(&msg_id), "READ {msg_id} completed twice");
+        c.push(msg_id);
+        self.done.notify_waiters();
+        Ok(())
+    }
+}
+
+/// Wraps a backend: counts calls, can delay, corrupt or fail.
+struct TestBackend {
+    inner: LocalDir,
+    calls: AtomicU64,
+    delay: Duration,
+    corrupt: bool,
+    fail: bool,
+}
+
+impl Backend for TestBackend {
+    fn fetch(&self, blob: Digest, range: Range<u64>) -> FetchFuture<'_> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            if self.fail {
+                return Err(FetchError::Failed {
+                    blob,
+                    start: range.start,
+                    end: range.end,
+                    why: "backend down".into(),
+                });
+            }
+            let b = self.inner.fetch(blob, range).await?;
+            if self.corrupt {
+                let mut v = b.to_vec();
+                let last = v.len() - 1;
+                v[last] ^= 0x55;
+                return Ok(Bytes::from(v));
+            }
+            Ok(b)
+        })
+    }
+    fn counters(&self) -> &Counters {
+        self.inner.counters()
+    }
+    fn describe(&self) -> String {
+        "test".into()
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    conv: PathBuf,
+    bootstrap: Vec<u8>,
+    blob: Digest,
+    raw: Vec<u8>,
+}
+
+/// A one-layer image with a 3 MiB file (3 chunks of 1 MiB) and a small file.
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    // xorshift64: no period within the file, so no chunk dedups away.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let big: Vec<u8> = (0..3u32 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8 & 0x3f
+        })
+        .collect();
+    std::fs::write(src.join("big"), &big).unwrap();
+    std::fs::write(src.join("small"), b"hello").unwrap();
+    let conv = dir.path().join("conv");
+    kite_convert::convert(
+        &kite_convert::Source::Dir(src),
+        &conv,
+        &kite_convert::ConvertOptions::default(),
+        &kite_convert::NoProgress,
+    )
+    .unwrap();
+    let bootstrap = std::fs::read(conv.join("bootstrap")).unwrap();
+    let bs = kite_format::Bootstrap::parse(&bootstrap).unwrap();
+    let blob = bs.index.blob(0).record.digest;
+    let raw_path = dir.path().join("raw");
+    kite_convert::inspect::unpack(
+        &bootstrap,
+        &conv.join("blobs/sha256").join(blob.hex()),
+        &raw_path,
+    )
+    .unwrap();
+    let raw = std::fs::read(&raw_path).unwrap();
+    Fixture {
+        _dir: dir,
+        conv,
+        bootstrap,
+        blob,
+        raw,
+    }
+}
+
+fn setup(f: &Fixture, backend: TestBackend) -> (Arc<Daemon>, Arc<SimKernel>, Arc<TestBackend>) {
+    let backend = Arc::new(backend);
+    let mut reg = Registry::new(None);
+    reg.register(
+        f.bootstrap.clone(),
+        backend.clone(),
+        Duration::from_secs(5),
+        "test".into(),
+    )
+    .unwrap();
+    let daemon = Daemon::new(reg, 4 << 20);
+    let kernel = Arc::new(SimKernel::default());
+    let d = Arc::clone(&daemon);
+    let k: Arc<dyn CacheDevice> = kernel.clone();
+    tokio::spawn(async move { serve::serve(d, k).await });
+    (daemon, kernel, backend)
+}
+
+fn backend(conv: &Path) -> TestBackend {
+    TestBackend {
+        inner: LocalDir::new(conv.to_path_buf()),
+        calls: AtomicU64::new(0),
+        delay: Duration::ZERO,
+        corrupt: false,
+        fail: false,
+    }
+}
+
+fn open(kernel: &SimKernel, msg_id: u32, object_id: u32, cookie: &str) -> Arc<SimObject> {
+    let obj = Arc::new(SimObject::default());
+    kernel.push(Request::Open {
+        msg_id,
+        object_id,
+        volume_key: b"erofs,kite".to_vec(),
+        cookie_key: cookie.as_bytes().to_vec(),
+        object: obj.clone(),
+    });
+    obj
+}
+
+fn read(kernel: &SimKernel, msg_id: u32, object_id: u32, off: u64, len: u64) {
+    kernel.push(Request::Read {
+        msg_id,
+        object_id,
+        off,
+        len,
+    });
+}
+
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+#[tokio::test]
+async fn open_read_close_sequence() {
+    let f = fixture();
+    let (daemon, kernel, _) = setup(&f, backend(&f.conv));
+    let fsid = Digest::of(&f.bootstrap).hex();
+    let boot = open(&kernel, 1, 10, &fsid);
+    let blob = open(&kernel, 2, 11, &f.blob.hex());
+    settle().await;
+    assert_eq!(
+        kernel.copen_of(1),
+        Some(kite_format::align4k(f.bootstrap.len() as u64) as i64)
+    );
+    assert_eq!(kernel.copen_of(2), Some(f.raw.len() as i64));
+
+    read(&kernel, 3, 10, 0, 8192);
+    boot.wait_completed(3).await;
+    assert_eq!(boot.read(0, 8192).unwrap(), f.bootstrap[..8192]);
+
+    // A READ inside the second chunk gets the whole chunk written.
+    read(&kernel, 4, 11, (1 << 20) + 65536, 65536);
+    blob.wait_completed(4).await;
+    assert_eq!(
+        blob.read(1 << 20, 1 << 20).unwrap(),
+        f.raw[1 << 20..2 << 20]
+    );
+    assert!(
+        blob.read(0, 4096).is_none(),
+        "only the needed chunk is fetched"
+    );
+
+    let dropped = blob.dropped.clone();
+    drop(blob);
+    kernel.push(Request::Close {
+        msg_id: 5,
+        object_id: 11,
+    });
+    settle().await;
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "CLOSE must release the object's fd"
+    );
+    assert_eq!(daemon.open_objects(), 1);
+}
+
+#[tokio::test]
+async fn unknown_cookie_gets_negative_copen() {
+    let f = fixture();
+    let (daemon, kernel, _) = setup(&f, backend(&f.conv));
+    let obj = open(&kernel, 7, 1, &"f".repeat(64));
+    let dropped = obj.dropped.clone();
+    drop(obj);
+    settle().await;
+    assert_eq!(kernel.copen_of(7), Some(-2));
+    assert_eq!(daemon.open_objects(), 0);
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "refused object's fd is closed"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_reads_of_one_chunk_fetch_once() {
+    let f = fixture();
+    let mut b = backend(&f.conv);
+    b.delay = Duration::from_millis(200);
+    let (_, kernel, backend) = setup(&f, b);
+    let blob = open(&kernel, 1, 1, &f.blob.hex());
+    settle().await;
+    for i in 0..8u32 {
+        read(&kernel, 100 + i, 1, i as u64 * 4096, 4096);
+        if i == 3 {
+            // Half arrive in a later batch, while the fetch is in flight.
+            settle().await;
+        }
+    }
+    for i in 0..8u32 {
+        blob.wait_completed(100 + i).await;
+    }
+    assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(blob.read(0, 1 << 20).unwrap(), f.raw[..1 << 20]);
+}
+
+#[tokio::test]
+async fn adjacent_chunks_in_one_batch_are_one_request() {
+    let f = fixture();
+    let (_, kernel, backend) = setup(&f, backend(&f.conv));
+    let blob = open(&kernel, 1, 1, &f.blob.hex());
+    settle().await;
+    {
+        // Queue three READs for three adjacent chunks before the loop runs.
+        let mut q = kernel.queue.lock().unwrap();
+        for i in 0..3u64 {
+            q.push_back(Request::Read {
+                msg_id: 10 + i as u32,
+                object_id: 1,
+                off: i << 20,
+                len: 4096,
+            });
+        }
+    }
+    kernel.wake.notify_one();
+    for i in 0..3 {
+        blob.wait_completed(10 + i).await;
+    }
+    assert_eq!(
+        backend.calls.load(Ordering::SeqCst),
+        1,
+        "three adjacent chunks, one range request"
+    );
+    assert!(blob.read(0, 3 << 20).is_none(), "written per chunk");
+    for i in 0..3u64 {
+        assert_eq!(
+            blob.read(i << 20, 1 << 20).unwrap(),
+            f.raw[(i << 20) as usize..((i + 1) << 20) as usize]
+        );
+    }
+}
+
+#[tokio::test]
+async fn corrupt_chunk_is_completed_without_data() {
+    let f = fixture();
+    let mut b = backend(&f.conv);
+    b.corrupt = true;
+    let (daemon, kernel, _) = setup(&f, b);
+    let blob = open(&kernel, 1, 1, &f.blob.hex());
+    settle().await;
+    read(&kernel, 2, 1, 0, 4096);
+    blob.wait_completed(2).await;
+    assert!(
+        blob.writes.lock().unwrap().is_empty(),
+        "corrupt bytes must never reach the cache"
+    );
+    assert_eq!(daemon.stats.reads_failed.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn backend_error_is_completed_without_data() {
+    let f = fixture();
+    let mut b = backend(&f.conv);
+    b.fail = true;
+    let (_, kernel, _) = setup(&f, b);
+    let blob = open(&kernel, 1, 1, &f.blob.hex());
+    settle().await;
+    read(&kernel, 2, 1, 2 << 20, 4096);
+    blob.wait_completed(2).await;
+    assert!(blob.writes.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn malformed_messages_are_still_answered() {
+    let f = fixture();
+    let (_, kernel, _) = setup(&f, backend(&f.conv));
+    let blob = open(&kernel, 1, 1, &f.blob.hex());
+    kernel.push(Request::Malformed {
+        msg_id: 5,
+        opcode: 0,
+        object_id: 9,
+        error: kite_kernel::cachefiles::ProtoError::Short(3),
+    });
+    kernel.push(Request::Malformed {
+        msg_id: 6,
+        opcode: 2,
+        object_id: 1,
+        error: kite_kernel::cachefiles::ProtoError::Short(3),
+    });
+    settle().await;
+    assert_eq!(kernel.copen_of(5), Some(-22));
+    blob.wait_completed(6).await;
+}
+
+#[test]
+fn bootstrap_with_bad_index_checksum_is_refused() {
+    let f = fixture();
+    let mut bad = f.bootstrap.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    let mut reg = Registry::new(None);
+    let err = reg
+        .register(
+            bad,
+            Arc::new(LocalDir::new(f.conv.clone())),
+            Duration::from_secs(1),
+            "bad".into(),
+        )
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("checksum"), "{err}");
+}
