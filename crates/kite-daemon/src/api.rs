@@ -79,6 +79,7 @@ pub struct Health {
     pub open_objects: usize,
     pub reads: u64,
     pub reads_failed: u64,
+    pub reads_inflight: u64,
     pub opens_refused: u64,
     pub writer: String,
 }
@@ -156,6 +157,7 @@ async fn handle(
                     open_objects: ctx.daemon.open_objects(),
                     reads: s.reads.load(Ordering::Relaxed),
                     reads_failed: s.reads_failed.load(Ordering::Relaxed),
+                    reads_inflight: s.reads_inflight.load(Ordering::Relaxed),
                     opens_refused: s.open_refused.load(Ordering::Relaxed),
                     writer: ctx.writer.clone(),
                 },

@@ -31,6 +31,8 @@ pub struct RequestStats {
     pub closes: AtomicU64,
     pub reads: AtomicU64,
     pub reads_failed: AtomicU64,
+    /// READs handed to tasks and not yet completed.
+    pub reads_inflight: AtomicU64,
     pub malformed: AtomicU64,
 }
 
@@ -73,12 +75,19 @@ impl Daemon {
 struct Completion {
     object: Arc<dyn CacheObject>,
     msg_id: u32,
+    /// The daemon's in-flight gauge, decremented on completion.
+    gauge: Option<Arc<Daemon>>,
 }
 
 impl Drop for Completion {
     fn drop(&mut self) {
         if let Err(e) = self.object.complete_read(self.msg_id) {
             tracing::warn!(msg_id = self.msg_id, "completing READ failed: {e}");
+        } else {
+            tracing::debug!(msg_id = self.msg_id, "READ completed");
+        }
+        if let Some(d) = &self.gauge {
+            d.stats.reads_inflight.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -141,7 +150,11 @@ pub fn drain(daemon: &Arc<Daemon>, dev: &dyn CacheDevice) -> Result<(), DaemonEr
                             .ok()
                             .and_then(|o| o.get(&object_id).map(|e| Arc::clone(&e.object)));
                         if let Some(object) = obj {
-                            drop(Completion { object, msg_id });
+                            drop(Completion {
+                                object,
+                                msg_id,
+                                gauge: None,
+                            });
                         }
                     }
                     _ => {}
@@ -223,9 +236,12 @@ fn dispatch_reads(daemon: &Arc<Daemon>, reads: Vec<(u32, u32, u64, u64)>) {
             tracing::error!(msg_id, object_id, "READ for an unknown object");
             continue;
         };
+        tracing::debug!(msg_id, object_id, off, len, "READ");
+        daemon.stats.reads_inflight.fetch_add(1, Ordering::Relaxed);
         let done = Completion {
             object: Arc::clone(&entry.object),
             msg_id,
+            gauge: Some(Arc::clone(daemon)),
         };
         match &entry.target {
             Target::Bootstrap(img) => tasks.push(ReadTask::Bootstrap {

@@ -17,6 +17,7 @@ use kite_convert::{convert, ConvertOptions, Source};
 use kite_format::ChunkSize;
 use kite_oci::Platform;
 
+mod lazy;
 mod progress;
 
 #[derive(Parser)]
@@ -76,6 +77,50 @@ enum Cmd {
         #[arg(long)]
         blobs: PathBuf,
     },
+    /// Run the on-demand daemon (root): serve cache misses through
+    /// /dev/cachefiles.
+    Daemon {
+        /// cachefiles cache directory (ext4 or similar; not tmpfs).
+        #[arg(long, default_value = "/var/cache/kite/cachefiles")]
+        cache_dir: PathBuf,
+        /// Control API socket.
+        #[arg(long, default_value = lazy::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Largest merged backend request, in bytes of stored data.
+        #[arg(long, default_value_t = 4 << 20)]
+        merge_bound: u64,
+        /// Seconds before a backend fetch is given up (readers get EIO).
+        #[arg(long, default_value_t = 30)]
+        fetch_timeout: u64,
+    },
+    /// Mount a converted image lazily through the daemon (root).
+    Mount {
+        /// A converted image directory.
+        source: PathBuf,
+        mountpoint: PathBuf,
+        #[arg(long, default_value = lazy::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Fetch blobs from this base URL (<url>/blobs/sha256/<hex>)
+        /// instead of the source directory.
+        #[arg(long)]
+        backend_url: Option<String>,
+        /// mount(8) compatibility: options (ignored except for validation).
+        #[arg(short = 'o', hide = true)]
+        options: Option<String>,
+    },
+    /// Unmount a kite mount and forget the image if nothing else uses it.
+    Umount {
+        mountpoint: PathBuf,
+        #[arg(long, default_value = lazy::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Show the daemon's images, fetched bytes and backend requests.
+    Status {
+        #[arg(long, default_value = lazy::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a blob's uncompressed layout (usable as an EROFS `device=`).
     Unpack {
         #[arg(long)]
@@ -87,7 +132,16 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Installed as mount.kite, mount(8) calls: mount.kite SOURCE DIR [-o OPTS].
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invoked_as = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned());
+    if invoked_as.as_deref() == Some("mount.kite") {
+        args.insert(1, "mount".into());
+    }
+    let cli = Cli::parse_from(args);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -124,8 +178,44 @@ fn mib(b: u64) -> String {
     }
 }
 
+/// One tokio runtime for the commands that need one, made here and nowhere else.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KITE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Daemon {
+            cache_dir,
+            socket,
+            merge_bound,
+            fetch_timeout,
+        } => {
+            init_logging();
+            runtime()?.block_on(lazy::daemon(cache_dir, socket, merge_bound, fetch_timeout))?;
+        }
+        Cmd::Mount {
+            source,
+            mountpoint,
+            socket,
+            backend_url,
+            options: _,
+        } => runtime()?.block_on(lazy::mount(&source, &mountpoint, &socket, backend_url))?,
+        Cmd::Umount { mountpoint, socket } => {
+            runtime()?.block_on(lazy::umount(&mountpoint, &socket))?
+        }
+        Cmd::Status { socket, json } => runtime()?.block_on(lazy::status(&socket, json))?,
         Cmd::Convert {
             from,
             to,

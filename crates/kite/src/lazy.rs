@@ -1,0 +1,184 @@
+//! The daemon-side commands: `kite daemon`, `kite mount` (also invoked as
+//! `mount.kite`), `kite umount` and `kite status`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use kite_daemon::api::{BackendSpec, Client, RegisterRequest};
+use kite_daemon::DaemonConfig;
+use kite_kernel::features::Features;
+
+pub const DEFAULT_SOCKET: &str = "/run/kite/kite.sock";
+
+/// `kite daemon`.
+pub async fn daemon(
+    cache_dir: PathBuf,
+    socket: PathBuf,
+    merge_bound: u64,
+    fetch_timeout: u64,
+) -> Result<()> {
+    let cfg = DaemonConfig {
+        cache_dir,
+        socket,
+        merge_bound,
+        fetch_timeout: Duration::from_secs(fetch_timeout),
+        ..Default::default()
+    };
+    kite_daemon::run(cfg).await?;
+    Ok(())
+}
+
+/// Explain what this kernel lacks for lazy mounts, if anything.
+pub fn check_kernel() -> Result<()> {
+    let f = Features::probe();
+    let missing = f.cachefiles_missing();
+    if !missing.is_empty() {
+        bail!(
+            "this kernel ({}) cannot mount kite images lazily through cachefiles; missing: {}. \
+             Use a kernel built with CONFIG_CACHEFILES_ONDEMAND=y and CONFIG_EROFS_FS_ONDEMAND=y \
+             (Linux 5.19 and later; see kernel-notes/vm-rig.md for a working config)",
+            f.release,
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `kite mount SOURCE MOUNTPOINT`.
+pub async fn mount(
+    source: &Path,
+    mountpoint: &Path,
+    socket: &Path,
+    backend_url: Option<String>,
+) -> Result<()> {
+    check_kernel()?;
+    let source = source
+        .canonicalize()
+        .with_context(|| format!("image source {}", source.display()))?;
+    let bootstrap = source.join(kite_convert::BOOTSTRAP_NAME);
+    if !bootstrap.is_file() {
+        bail!(
+            "{} is not a converted kite image directory (no {} in it)",
+            source.display(),
+            kite_convert::BOOTSTRAP_NAME
+        );
+    }
+    let backend = match backend_url {
+        Some(url) => BackendSpec::Http { url },
+        None => BackendSpec::Local {
+            dir: source.clone(),
+        },
+    };
+    let client = Client::new(socket);
+    let reg = client
+        .register(&RegisterRequest { bootstrap, backend })
+        .await
+        .context("registering the image with the daemon")?;
+    kite_kernel::mount::mount_fscache(&reg.fsid, Some(&reg.domain_id), mountpoint)?;
+    println!(
+        "mounted {} (fsid {}) on {}",
+        source.display(),
+        reg.fsid,
+        mountpoint.display()
+    );
+    Ok(())
+}
+
+/// The fsid of the kite mount at `mountpoint`, from /proc/self/mountinfo.
+fn mounted_fsid(mountpoint: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mountpoint.canonicalize().ok()?;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(4).map(Path::new) != Some(want.as_path()) {
+            continue;
+        }
+        let sep = fields.iter().position(|f| *f == "-")?;
+        if fields.get(sep + 1) != Some(&"erofs") {
+            continue;
+        }
+        let opts = fields.get(sep + 3)?;
+        return opts
+            .split(',')
+            .find_map(|o| o.strip_prefix("fsid=").map(String::from));
+    }
+    None
+}
+
+fn fsid_in_use(fsid: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.contains(&format!("fsid={fsid}")))
+        .unwrap_or(false)
+}
+
+/// `kite umount MOUNTPOINT`: unmount, and forget the image when no other
+/// mount uses it.
+pub async fn umount(mountpoint: &Path, socket: &Path) -> Result<()> {
+    let fsid = mounted_fsid(mountpoint);
+    kite_kernel::mount::unmount(mountpoint, false)?;
+    if let Some(fsid) = fsid {
+        if !fsid_in_use(&fsid) {
+            if let Err(e) = Client::new(socket).unregister(&fsid).await {
+                eprintln!(
+                    "kite: warning: unmounted, but the daemon did not forget image {fsid}: {e}"
+                );
+            }
+        }
+    }
+    println!("unmounted {}", mountpoint.display());
+    Ok(())
+}
+
+/// `kite status`.
+pub async fn status(socket: &Path, json: bool) -> Result<()> {
+    let client = Client::new(socket);
+    let health = client.health().await?;
+    let images = client.images().await?;
+    if json {
+        let v = serde_json::json!({ "health": health, "images": images });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "kite daemon: {} path, cache {}, domain {}, {} open objects, {} READs ({} failed, {} in flight), {} opens refused, writes via {}",
+        health.kernel_path,
+        health.cache_dir.display(),
+        health.domain_id,
+        health.open_objects,
+        health.reads,
+        health.reads_failed,
+        health.reads_inflight,
+        health.opens_refused,
+        health.writer
+    );
+    for img in images {
+        let fetched: u64 = img.blobs.iter().map(|b| b.fetched_bytes).sum();
+        let total: u64 = img.blobs.iter().map(|b| b.uncompressed_size).sum();
+        println!(
+            "image {} ({}): fetched {} of {} ({:.1}%)",
+            &img.fsid[..16],
+            img.source,
+            crate::mib(fetched),
+            crate::mib(total),
+            100.0 * fetched as f64 / total.max(1) as f64
+        );
+        for b in img.blobs {
+            println!(
+                "  blob {}  chunks {}/{}  fetched {}  backend {} requests, {}{}",
+                &b.digest[..19],
+                b.fetched_chunks,
+                b.chunks,
+                crate::mib(b.fetched_bytes),
+                b.backend_requests,
+                crate::mib(b.backend_bytes),
+                if b.corrupt_chunks > 0 {
+                    format!(", {} corrupt chunks refused", b.corrupt_chunks)
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+    Ok(())
+}
