@@ -135,7 +135,7 @@ impl Device {
 
     fn command(&self, cmd: &str) -> Result<(), KernelError> {
         let _guard = self.cmd.lock().map_err(|_| KernelError::Poisoned)?;
-        (&*self.file.get_ref())
+        self.file.get_ref()
             .write_all(cmd.as_bytes())
             .map_err(|e| KernelError::Io {
                 what: format!("cachefiles command {cmd:?}"),
@@ -148,7 +148,7 @@ impl CacheDevice for Device {
     fn next_request(&self) -> Result<Option<Request>, KernelError> {
         let mut buf = [0u8; proto::MSG_MAX_SIZE];
         let n = {
-            match (&*self.file.get_ref()).read(&mut buf) {
+            match self.file.get_ref().read(&mut buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(None),
