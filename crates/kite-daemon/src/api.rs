@@ -46,6 +46,14 @@ pub struct RegisterRequest {
 pub struct RegisterResponse {
     pub fsid: String,
     pub domain_id: String,
+    /// "cachefiles" (mount with fsid=) or "fanotify" (mount the files).
+    pub kernel_path: String,
+    /// fanotify path: the local bootstrap to mount ...
+    #[serde(default)]
+    pub bootstrap_path: Option<PathBuf>,
+    /// ... and one `device=` file per blob, in device-table order.
+    #[serde(default)]
+    pub devices: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,6 +68,9 @@ pub struct BlobStatus {
     pub backend: String,
     pub backend_requests: u64,
     pub backend_bytes: u64,
+    /// fanotify path: pre-content events raised for this blob's file.
+    #[serde(default)]
+    pub events: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,6 +98,8 @@ pub struct Health {
 /// What the API handlers need besides the daemon.
 pub struct ApiContext {
     pub daemon: Arc<Daemon>,
+    /// Set when serving on the fanotify path.
+    pub fanotify: Option<Arc<crate::fanotify::FanotifyPath>>,
     pub kernel_path: String,
     pub cache_dir: PathBuf,
     pub domain_id: String,
@@ -108,7 +121,10 @@ fn error(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
 }
 
 /// Status of every registered image.
-pub fn images_status(daemon: &Daemon) -> Vec<ImageStatus> {
+pub fn images_status(
+    daemon: &Daemon,
+    fan: Option<&crate::fanotify::FanotifyPath>,
+) -> Vec<ImageStatus> {
     let Ok(reg) = daemon.registry.lock() else {
         return Vec::new();
     };
@@ -132,6 +148,7 @@ pub fn images_status(daemon: &Daemon) -> Vec<ImageStatus> {
                     backend: b.backend.describe(),
                     backend_requests: b.backend.counters().requests.load(Ordering::Relaxed),
                     backend_bytes: b.backend.counters().bytes.load(Ordering::Relaxed),
+                    events: fan.map(|f| f.blob_events(&b.digest)).unwrap_or(0),
                 })
                 .collect(),
         })
@@ -163,7 +180,10 @@ async fn handle(
                 },
             )
         }
-        (Method::GET, "/v1/images") => json(StatusCode::OK, &images_status(&ctx.daemon)),
+        (Method::GET, "/v1/images") => json(
+            StatusCode::OK,
+            &images_status(&ctx.daemon, ctx.fanotify.as_deref()),
+        ),
         (Method::POST, "/v1/images") => {
             let body = req.into_body().collect().await?.to_bytes();
             match serde_json::from_slice::<RegisterRequest>(&body) {
@@ -216,10 +236,19 @@ fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterResponse, Da
             r.bootstrap.display().to_string(),
         )?;
     tracing::info!(fsid = %img.fsid, source = %img.source, blobs = img.blobs.len(), "registered image");
-    Ok(RegisterResponse {
+    let mut resp = RegisterResponse {
         fsid: img.fsid.clone(),
         domain_id: ctx.domain_id.clone(),
-    })
+        kernel_path: ctx.kernel_path.clone(),
+        bootstrap_path: None,
+        devices: Vec::new(),
+    };
+    if let Some(fan) = &ctx.fanotify {
+        let files = fan.prepare(&img)?;
+        resp.bootstrap_path = Some(files.bootstrap);
+        resp.devices = files.devices;
+    }
+    Ok(resp)
 }
 
 /// Serve the API on `socket` until the listener fails.

@@ -77,6 +77,19 @@ impl BlobState {
         first..last.max(first)
     }
 
+    /// Whether chunk `i` was written to the cache by this node.
+    pub fn is_fetched(&self, i: usize) -> bool {
+        self.fetched
+            .lock()
+            .map(|f| f.get(i).copied().unwrap_or(false))
+            .unwrap_or(false)
+    }
+
+    /// Whether every chunk is on disk.
+    pub fn is_complete(&self) -> bool {
+        self.fetched_chunks.load(Ordering::Relaxed) as usize == self.chunks.len()
+    }
+
     /// The fetched bitmap (for persistence and status).
     pub fn fetched_map(&self) -> Vec<bool> {
         self.fetched.lock().map(|f| f.clone()).unwrap_or_default()
@@ -87,6 +100,7 @@ impl BlobState {
         if let Ok(mut f) = self.fetched.lock() {
             if map.len() == f.len() {
                 f.copy_from_slice(map);
+                // Counters follow the map exactly.
                 let n = map.iter().filter(|&&b| b).count() as u64;
                 let bytes: u64 = map
                     .iter()

@@ -19,6 +19,7 @@
 pub mod api;
 pub mod backend;
 pub mod blob;
+pub mod fanotify;
 pub mod registry;
 pub mod serve;
 pub mod state;
@@ -68,6 +69,8 @@ pub struct DaemonConfig {
     pub merge_bound: u64,
     /// Per-fetch timeout.
     pub fetch_timeout: Duration,
+    /// Force a kernel path instead of choosing automatically.
+    pub kernel_path: Option<kite_kernel::features::KernelPath>,
 }
 
 impl Default for DaemonConfig {
@@ -79,43 +82,59 @@ impl Default for DaemonConfig {
             domain_id: "kite".into(),
             merge_bound: 4 << 20,
             fetch_timeout: Duration::from_secs(30),
+            kernel_path: None,
         }
     }
 }
 
-/// Run the daemon on the cachefiles path until SIGTERM/SIGINT.
+/// Run the daemon until SIGTERM/SIGINT, on the kernel path chosen from
+/// what the running kernel offers (or the one forced in `cfg`).
 pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
+    use kite_kernel::features::{Features, KernelPath};
     std::fs::create_dir_all(&cfg.cache_dir).map_err(|e| DaemonError::Io {
         what: format!("creating cache dir {}", cfg.cache_dir.display()),
         source: e,
     })?;
-    let features = kite_kernel::features::Features::probe();
-    let missing = features.cachefiles_missing();
-    if !missing.is_empty() {
-        return Err(DaemonError::Config(format!(
-            "kernel {} cannot serve kite images through cachefiles; missing: {}",
-            features.release,
-            missing.join(", ")
-        )));
-    }
+    let features = Features::probe();
+    let (path, why) = features
+        .choose(cfg.kernel_path)
+        .map_err(DaemonError::Config)?;
     let writer = Writer::start();
-    let dev: Arc<dyn CacheDevice> =
-        Arc::new(Device::bind(&cfg.cache_dir, &cfg.tag, Arc::clone(&writer))?);
     let state_dir = cfg.cache_dir.join("kite-state");
     let daemon = serve::Daemon::new(
         registry::Registry::new(Some(state_dir.clone())),
         cfg.merge_bound,
     );
     tracing::info!(
+        path = path.name(),
+        why = %why,
         cache_dir = %cfg.cache_dir.display(),
         socket = %cfg.socket.display(),
-        kernel = %features.release,
         writer = writer.mode,
-        "kite daemon serving on the cachefiles on-demand path (kernel has /dev/cachefiles and EROFS)"
+        "kite daemon starting"
     );
+    let (serve, fan): (
+        tokio::task::JoinHandle<Result<(), DaemonError>>,
+        Option<Arc<fanotify::FanotifyPath>>,
+    ) = match path {
+        KernelPath::Cachefiles => {
+            let dev: Arc<dyn CacheDevice> =
+                Arc::new(Device::bind(&cfg.cache_dir, &cfg.tag, Arc::clone(&writer))?);
+            (tokio::spawn(serve::serve(Arc::clone(&daemon), dev)), None)
+        }
+        KernelPath::Fanotify => {
+            let fan = fanotify::FanotifyPath::new(
+                Arc::clone(&daemon),
+                Arc::clone(&writer),
+                &cfg.cache_dir,
+            )?;
+            (tokio::spawn(Arc::clone(&fan).serve()), Some(fan))
+        }
+    };
     let ctx = Arc::new(api::ApiContext {
         daemon: Arc::clone(&daemon),
-        kernel_path: "cachefiles".into(),
+        fanotify: fan.clone(),
+        kernel_path: path.name().into(),
         cache_dir: cfg.cache_dir.clone(),
         domain_id: cfg.domain_id.clone(),
         fetch_timeout: cfg.fetch_timeout,
@@ -128,15 +147,18 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let flusher = tokio::spawn({
         let d = Arc::clone(&daemon);
         let dir = state_dir.clone();
+        let fan = fan.clone();
         async move {
             let mut tick = tokio::time::interval(Duration::from_secs(2));
             loop {
                 tick.tick().await;
+                if let Some(f) = &fan {
+                    f.sync_all();
+                }
                 flush_state(&d, &dir);
             }
         }
     });
-    let serve = tokio::spawn(serve::serve(Arc::clone(&daemon), dev));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| DaemonError::Io {
             what: "installing SIGTERM handler".into(),
@@ -149,6 +171,9 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
         _ = term.recv() => Ok(()),
     };
     flusher.abort();
+    if let Some(f) = &fan {
+        f.sync_all();
+    }
     flush_state(&daemon, &state_dir);
     let _ = std::fs::remove_file(&cfg.socket);
     tracing::info!(

@@ -4,6 +4,8 @@
 //!   (`proto`) parses messages and encodes replies; [`cachefiles::Device`]
 //!   is the real `/dev/cachefiles` behind the [`cachefiles::CacheDevice`]
 //!   trait, so the daemon runs against a simulated kernel in tests.
+//! - [`fanotify`]: pre-content events on sparse blob files (Linux >= 6.14),
+//!   the successor path for file-backed EROFS.
 //! - [`uring`]: page-aligned buffers and the io_uring writer thread that
 //!   writes fetched data into cache files.
 //! - [`mount`]: EROFS mounts (fscache and file-backed) and unmounts.
@@ -13,6 +15,7 @@
 //! `undocumented_unsafe_blocks`).
 
 pub mod cachefiles;
+pub mod fanotify;
 pub mod features;
 pub mod mount;
 pub mod uring;

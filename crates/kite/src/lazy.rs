@@ -17,12 +17,22 @@ pub async fn daemon(
     socket: PathBuf,
     merge_bound: u64,
     fetch_timeout: u64,
+    kernel_path: Option<String>,
 ) -> Result<()> {
+    let kernel_path = match kernel_path.as_deref() {
+        None | Some("auto") => None,
+        Some(p) => Some(
+            kite_kernel::features::KernelPath::parse(p).with_context(|| {
+                format!("--kernel-path {p}: expected auto, cachefiles or fanotify")
+            })?,
+        ),
+    };
     let cfg = DaemonConfig {
         cache_dir,
         socket,
         merge_bound,
         fetch_timeout: Duration::from_secs(fetch_timeout),
+        kernel_path,
         ..Default::default()
     };
     kite_daemon::run(cfg).await?;
@@ -32,15 +42,8 @@ pub async fn daemon(
 /// Explain what this kernel lacks for lazy mounts, if anything.
 pub fn check_kernel() -> Result<()> {
     let f = Features::probe();
-    let missing = f.cachefiles_missing();
-    if !missing.is_empty() {
-        bail!(
-            "this kernel ({}) cannot mount kite images lazily through cachefiles; missing: {}. \
-             Use a kernel built with CONFIG_CACHEFILES_ONDEMAND=y and CONFIG_EROFS_FS_ONDEMAND=y \
-             (Linux 5.19 and later; see kernel-notes/vm-rig.md for a working config)",
-            f.release,
-            missing.join(", ")
-        );
+    if let Err(why) = f.choose(None) {
+        bail!("cannot mount kite images lazily: {why}");
     }
     Ok(())
 }
@@ -75,11 +78,18 @@ pub async fn mount(
         .register(&RegisterRequest { bootstrap, backend })
         .await
         .context("registering the image with the daemon")?;
-    kite_kernel::mount::mount_fscache(&reg.fsid, Some(&reg.domain_id), mountpoint)?;
+    match &reg.bootstrap_path {
+        Some(boot) => {
+            let devs: Vec<&Path> = reg.devices.iter().map(PathBuf::as_path).collect();
+            kite_kernel::mount::mount_file_backed(boot, &devs, mountpoint)?;
+        }
+        None => kite_kernel::mount::mount_fscache(&reg.fsid, Some(&reg.domain_id), mountpoint)?,
+    }
     println!(
-        "mounted {} (fsid {}) on {}",
+        "mounted {} (fsid {}, {} path) on {}",
         source.display(),
         reg.fsid,
+        reg.kernel_path,
         mountpoint.display()
     );
     Ok(())
@@ -99,16 +109,24 @@ fn mounted_fsid(mountpoint: &Path) -> Option<String> {
             continue;
         }
         let opts = fields.get(sep + 3)?;
-        return opts
+        if let Some(f) = opts
             .split(',')
-            .find_map(|o| o.strip_prefix("fsid=").map(String::from));
+            .find_map(|o| o.strip_prefix("fsid=").map(String::from))
+        {
+            return Some(f);
+        }
+        // File-backed: the source is <cache>/bootstraps/<fsid>.
+        let source = fields.get(sep + 2)?;
+        return Path::new(source)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
     }
     None
 }
 
 fn fsid_in_use(fsid: &str) -> bool {
     std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|m| m.contains(&format!("fsid={fsid}")))
+        .map(|m| m.contains(&format!("fsid={fsid}")) || m.contains(&format!("/bootstraps/{fsid} ")))
         .unwrap_or(false)
 }
 
@@ -165,13 +183,18 @@ pub async fn status(socket: &Path, json: bool) -> Result<()> {
         );
         for b in img.blobs {
             println!(
-                "  blob {}  chunks {}/{}  fetched {}  backend {} requests, {}{}",
+                "  blob {}  chunks {}/{}  fetched {}  backend {} requests, {}{}{}",
                 &b.digest[..19],
                 b.fetched_chunks,
                 b.chunks,
                 crate::mib(b.fetched_bytes),
                 b.backend_requests,
                 crate::mib(b.backend_bytes),
+                if health.kernel_path == "fanotify" {
+                    format!(", {} events", b.events)
+                } else {
+                    String::new()
+                },
                 if b.corrupt_chunks > 0 {
                     format!(", {} corrupt chunks refused", b.corrupt_chunks)
                 } else {

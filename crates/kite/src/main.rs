@@ -92,6 +92,9 @@ enum Cmd {
         /// Seconds before a backend fetch is given up (readers get EIO).
         #[arg(long, default_value_t = 30)]
         fetch_timeout: u64,
+        /// auto, cachefiles or fanotify.
+        #[arg(long, default_value = "auto")]
+        kernel_path: String,
     },
     /// Mount a converted image lazily through the daemon (root).
     Mount {
@@ -201,9 +204,16 @@ fn run(cli: Cli) -> Result<()> {
             socket,
             merge_bound,
             fetch_timeout,
+            kernel_path,
         } => {
             init_logging();
-            runtime()?.block_on(lazy::daemon(cache_dir, socket, merge_bound, fetch_timeout))?;
+            runtime()?.block_on(lazy::daemon(
+                cache_dir,
+                socket,
+                merge_bound,
+                fetch_timeout,
+                Some(kernel_path),
+            ))?;
         }
         Cmd::Mount {
             source,

@@ -135,7 +135,8 @@ impl Device {
 
     fn command(&self, cmd: &str) -> Result<(), KernelError> {
         let _guard = self.cmd.lock().map_err(|_| KernelError::Poisoned)?;
-        self.file.get_ref()
+        self.file
+            .get_ref()
             .write_all(cmd.as_bytes())
             .map_err(|e| KernelError::Io {
                 what: format!("cachefiles command {cmd:?}"),

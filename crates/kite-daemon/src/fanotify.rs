@@ -1,0 +1,292 @@
+//! The fanotify path: file-backed EROFS over sparse local blob files.
+//!
+//! For every registered blob the daemon keeps `<cache>/blobs/<hex>`, a
+//! sparse file as long as the blob's uncompressed layout, marked for
+//! `FAN_PRE_ACCESS` while any chunk is missing. The bootstrap is written
+//! whole to `<cache>/bootstraps/<fsid>` (its digest is the fsid, checked at
+//! registration) and is what `kite mount` mounts, with one `device=` per
+//! blob file. A read of a missing range raises an event; the daemon fetches
+//! the chunks it covers (in-flight dedup and merging as on the cachefiles
+//! path: the same [`BlobState`]), writes them through the event's fd, and
+//! allows the read, or denies it with EIO. When every chunk of a blob is on
+//! disk the file is synced, its state saved and its mark removed, so a
+//! complete blob costs no round trip at all.
+//!
+//! Here the persisted fetch bitmap is authoritative: a chunk marked fetched
+//! is never fetched again. It is saved only after the blob file is synced,
+//! so after a crash it can under-report (refetch) but never over-report.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kite_format::Digest;
+use kite_kernel::fanotify::{Group, PermEvent};
+use kite_kernel::uring::Writer;
+
+use crate::blob::BlobState;
+use crate::registry::Image;
+use crate::serve::Daemon;
+use crate::DaemonError;
+
+/// One blob's local file.
+pub struct BlobFile {
+    pub blob: Arc<BlobState>,
+    pub path: PathBuf,
+    file: File,
+    marked: AtomicBool,
+    /// Events raised for this file.
+    pub events: AtomicU64,
+}
+
+/// Files to mount for a registered image.
+pub struct MountFiles {
+    pub bootstrap: PathBuf,
+    pub devices: Vec<PathBuf>,
+}
+
+pub struct FanotifyPath {
+    daemon: Arc<Daemon>,
+    group: Arc<Group>,
+    writer: Arc<Writer>,
+    cache_dir: PathBuf,
+    by_id: Mutex<HashMap<(u64, u64), Arc<BlobFile>>>,
+    by_digest: Mutex<HashMap<Digest, Arc<BlobFile>>>,
+    /// All events received.
+    pub events: AtomicU64,
+}
+
+fn io_err(what: String) -> impl FnOnce(std::io::Error) -> DaemonError {
+    move |source| DaemonError::Io { what, source }
+}
+
+impl FanotifyPath {
+    pub fn new(
+        daemon: Arc<Daemon>,
+        writer: Arc<Writer>,
+        cache_dir: &Path,
+    ) -> Result<Arc<Self>, DaemonError> {
+        for sub in ["blobs", "bootstraps"] {
+            let d = cache_dir.join(sub);
+            std::fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
+        }
+        Ok(Arc::new(Self {
+            daemon,
+            group: Group::new()?,
+            writer,
+            cache_dir: cache_dir.to_path_buf(),
+            by_id: Mutex::new(HashMap::new()),
+            by_digest: Mutex::new(HashMap::new()),
+            events: AtomicU64::new(0),
+        }))
+    }
+
+    /// Make the files for a newly registered image ready to mount.
+    pub fn prepare(&self, img: &Image) -> Result<MountFiles, DaemonError> {
+        let boot = self.cache_dir.join("bootstraps").join(&img.fsid);
+        if !boot.is_file() {
+            let tmp = boot.with_extension("tmp");
+            std::fs::write(&tmp, img.bootstrap.as_slice())
+                .map_err(io_err(format!("writing {}", tmp.display())))?;
+            std::fs::rename(&tmp, &boot)
+                .map_err(io_err(format!("renaming to {}", boot.display())))?;
+        }
+        let mut devices = Vec::new();
+        for b in &img.blobs {
+            devices.push(self.prepare_blob(b)?.path.clone());
+        }
+        Ok(MountFiles {
+            bootstrap: boot,
+            devices,
+        })
+    }
+
+    fn prepare_blob(&self, blob: &Arc<BlobState>) -> Result<Arc<BlobFile>, DaemonError> {
+        let mut by_digest = self.by_digest.lock().map_err(|_| DaemonError::Poisoned)?;
+        if let Some(f) = by_digest.get(&blob.digest) {
+            return Ok(Arc::clone(f));
+        }
+        let path = self.cache_dir.join("blobs").join(blob.digest.hex());
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(format!("opening {}", path.display())))?;
+        let len = file
+            .metadata()
+            .map_err(io_err(format!("stat {}", path.display())))?
+            .len();
+        if len != blob.uncompressed_size {
+            // New, or of another size: start empty (holes everywhere).
+            file.set_len(0)
+                .map_err(io_err(format!("truncating {}", path.display())))?;
+            file.set_len(blob.uncompressed_size)
+                .map_err(io_err(format!("sizing {}", path.display())))?;
+            blob.restore_fetched(&vec![false; blob.chunks.len()]);
+        }
+        let md = file
+            .metadata()
+            .map_err(io_err(format!("stat {}", path.display())))?;
+        let bf = Arc::new(BlobFile {
+            blob: Arc::clone(blob),
+            path: path.clone(),
+            file,
+            marked: AtomicBool::new(false),
+            events: AtomicU64::new(0),
+        });
+        if !blob.is_complete() {
+            self.group.mark(&path)?;
+            bf.marked.store(true, Ordering::SeqCst);
+        }
+        tracing::info!(
+            blob = %blob.digest,
+            path = %path.display(),
+            fetched = blob.fetched_chunks.load(Ordering::Relaxed),
+            chunks = blob.chunks.len(),
+            marked = bf.marked.load(Ordering::SeqCst),
+            "blob file ready"
+        );
+        self.by_id
+            .lock()
+            .map_err(|_| DaemonError::Poisoned)?
+            .insert((md.dev(), md.ino()), Arc::clone(&bf));
+        by_digest.insert(blob.digest, Arc::clone(&bf));
+        Ok(bf)
+    }
+
+    /// Serve events until the group fails.
+    pub async fn serve(self: Arc<Self>) -> Result<(), DaemonError> {
+        loop {
+            let events = self.group.next_events().await?;
+            self.dispatch(events);
+        }
+    }
+
+    fn dispatch(self: &Arc<Self>, events: Vec<PermEvent>) {
+        // Plan each blob's missing chunks for the whole batch first, so
+        // adjacent chunks are fetched in one request.
+        let mut plans: HashMap<
+            Digest,
+            (
+                Arc<BlobFile>,
+                Vec<usize>,
+                Arc<dyn kite_kernel::cachefiles::CacheObject>,
+            ),
+        > = HashMap::new();
+        let mut work = Vec::new();
+        for ev in events {
+            self.events.fetch_add(1, Ordering::Relaxed);
+            let bf = ev
+                .file_id()
+                .ok()
+                .and_then(|id| self.by_id.lock().ok().and_then(|m| m.get(&id).cloned()));
+            let Some(bf) = bf else {
+                // Not one of our blob files (a stale mark): let it through.
+                tracing::warn!(
+                    pid = ev.raw.pid,
+                    "pre-content event for an unknown file: allowed"
+                );
+                let _ = ev.answer(Ok(()));
+                continue;
+            };
+            bf.events.fetch_add(1, Ordering::Relaxed);
+            let (off, count) = ev.raw.range.unwrap_or((0, bf.blob.uncompressed_size));
+            let want: Vec<usize> = bf
+                .blob
+                .chunks_for(off, count)
+                .filter(|&i| !bf.blob.is_fetched(i))
+                .collect();
+            tracing::debug!(blob = %bf.blob.digest, off, count, missing = want.len(), "pre-content event");
+            if want.is_empty() {
+                let _ = ev.answer(Ok(()));
+                continue;
+            }
+            let obj = ev.object(&self.writer);
+            let p = plans
+                .entry(bf.blob.digest)
+                .or_insert_with(|| (Arc::clone(&bf), Vec::new(), Arc::clone(&obj)));
+            p.1.extend_from_slice(&want);
+            work.push((ev, bf, want, obj));
+        }
+        for (_, (bf, want, obj)) in plans {
+            if let Err(e) = bf.blob.start(&want, &obj, self.daemon.merge_bound) {
+                tracing::error!(blob = %bf.blob.digest, "planning fetch: {e}");
+            }
+        }
+        for (ev, bf, want, obj) in work {
+            let me = Arc::clone(self);
+            tokio::spawn(async move {
+                let r = bf.blob.ensure(&want, &obj, me.daemon.merge_bound).await;
+                drop(obj);
+                match r {
+                    Ok(()) => {
+                        let _ = ev.answer(Ok(()));
+                        if bf.blob.is_complete() {
+                            me.complete(&bf);
+                        }
+                    }
+                    Err(e) => {
+                        me.daemon.stats.reads_failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(blob = %bf.blob.digest, range = ?ev.raw.range, "denying read with EIO: {e}");
+                        let _ = ev.answer(Err(libc_eio()));
+                    }
+                }
+            });
+        }
+    }
+
+    /// A blob is fully on disk: sync, save state, stop watching.
+    fn complete(&self, bf: &BlobFile) {
+        if !bf.marked.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = bf.file.sync_data() {
+            tracing::warn!(blob = %bf.blob.digest, "sync: {e}");
+            bf.marked.store(true, Ordering::SeqCst);
+            return;
+        }
+        if let Err(e) = crate::state::save(
+            &self.cache_dir.join("kite-state"),
+            &bf.blob.digest,
+            &bf.blob.fetched_map(),
+        ) {
+            tracing::warn!(blob = %bf.blob.digest, "saving state: {e}");
+        }
+        match self.group.unmark(&bf.path) {
+            Ok(()) => tracing::info!(blob = %bf.blob.digest, "blob complete on disk: mark removed"),
+            Err(e) => tracing::warn!(blob = %bf.blob.digest, "removing mark: {e}"),
+        }
+    }
+
+    /// Sync every blob file (before its fetch state is saved).
+    pub fn sync_all(&self) {
+        let files: Vec<Arc<BlobFile>> = self
+            .by_digest
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        for f in files {
+            if let Err(e) = f.file.sync_data() {
+                tracing::warn!(blob = %f.blob.digest, "sync: {e}");
+            }
+        }
+    }
+
+    /// Events per blob (for status).
+    pub fn blob_events(&self, digest: &Digest) -> u64 {
+        self.by_digest
+            .lock()
+            .ok()
+            .and_then(|m| m.get(digest).map(|f| f.events.load(Ordering::Relaxed)))
+            .unwrap_or(0)
+    }
+}
+
+fn libc_eio() -> i32 {
+    5
+}
