@@ -9,6 +9,7 @@ suite needs:
     ocigen.py full OUTDIR [--docker] [--no-sparse]   full-coverage test image
     ocigen.py example OUTDIR                         small README demo image
     ocigen.py big OUTDIR [--size-gb 2] [--compression mixed|gzip|zstd|none]
+    ocigen.py pair OUT1 OUT2                         two images sharing a base layer
     ocigen.py bad KIND OUTDIR                        one bad layer, see BAD_KINDS
 
 Each command prints one JSON line describing what it built (``ref`` is the
@@ -746,6 +747,22 @@ def build_example(out: str) -> dict:
     return {"ref": f"oci:{out}:latest", "layers": lay.layer_info}
 
 
+def build_pair(out1: str, out2: str) -> dict:
+    """Two images sharing the example image's base layer byte for byte,
+    each with a top layer of its own (for shared-layer cache tests)."""
+    images = []
+    for i, out in enumerate((out1, out2)):
+        top = Layer("gzip")
+        top.dir("app")
+        top.file(f"app/only-{i}.bin", Stream.of("random", 2 * MiB, 10 + i))
+        top.file(f"app/note-{i}.txt", f"image {i}\n".encode())
+        lay = Layout(out)
+        m = lay.add_image([example_layers()[0], top], "linux/amd64")
+        lay.finish([(m, "latest")])
+        images.append({"ref": f"oci:{out}:latest", "layers": lay.layer_info})
+    return {"images": images}
+
+
 # --------------------------------------------------------------------------
 # The benchmark image
 # --------------------------------------------------------------------------
@@ -949,6 +966,9 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--size-gb", type=float, default=2.0)
     p.add_argument("--compression", choices=("mixed", "gzip", "zstd", "none"), default="mixed")
+    p = sub.add_parser("pair", help="two images sharing their base layer")
+    p.add_argument("out")
+    p.add_argument("out2")
     p = sub.add_parser("bad", help="image with one bad layer")
     p.add_argument("kind", choices=BAD_KINDS)
     p.add_argument("out")
@@ -962,6 +982,8 @@ def main(argv=None) -> int:
         res = build_full(a.out, docker=a.docker, sparse=not a.no_sparse)
     elif a.cmd == "example":
         res = build_example(a.out)
+    elif a.cmd == "pair":
+        res = build_pair(a.out, a.out2)
     elif a.cmd == "big":
         res = build_big(a.out, a.size_gb, a.compression)
     else:

@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
