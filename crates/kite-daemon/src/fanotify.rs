@@ -181,6 +181,7 @@ impl FanotifyPath {
         let mut work = Vec::new();
         for ev in events {
             self.events.fetch_add(1, Ordering::Relaxed);
+            self.daemon.stats.reads.fetch_add(1, Ordering::Relaxed);
             let bf = ev
                 .file_id()
                 .ok()
@@ -273,6 +274,56 @@ impl FanotifyPath {
         for f in files {
             if let Err(e) = f.file.sync_data() {
                 tracing::warn!(blob = %f.blob.digest, "sync: {e}");
+            }
+        }
+    }
+
+    /// Before the daemon goes away: lazily unmount every mount of ours
+    /// whose blobs are not all on disk. Without the daemon the group closes,
+    /// the marks vanish, and reads of missing ranges would return the sparse
+    /// files' zeros; a detached mount makes them fail instead, as on the
+    /// cachefiles path. Mounts of complete images stay. A crash (SIGKILL)
+    /// cannot run this: see kernel-notes/fanotify.md.
+    pub fn detach_incomplete_mounts(&self) {
+        let boot_dir = self.cache_dir.join("bootstraps");
+        let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+            return;
+        };
+        for line in info.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let Some(sep) = f.iter().position(|x| *x == "-") else {
+                continue;
+            };
+            let (Some(mnt), Some(fstype), Some(src)) = (f.get(4), f.get(sep + 1), f.get(sep + 2))
+            else {
+                continue;
+            };
+            if *fstype != "erofs" || !Path::new(src).starts_with(&boot_dir) {
+                continue;
+            }
+            let fsid = Path::new(src)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let complete = self
+                .daemon
+                .registry
+                .lock()
+                .ok()
+                .and_then(|r| r.image(&fsid))
+                .map(|img| img.blobs.iter().all(|b| b.is_complete()))
+                .unwrap_or(false);
+            if complete {
+                continue;
+            }
+            match kite_kernel::mount::unmount(Path::new(mnt), true) {
+                Ok(()) => {
+                    tracing::warn!(mountpoint = mnt, fsid = %fsid, "daemon stopping: detached a mount with blobs still incomplete (its reads now fail instead of returning holes)")
+                }
+                Err(e) => tracing::error!(
+                    mountpoint = mnt,
+                    "could not detach a mount with incomplete blobs: {e}"
+                ),
             }
         }
     }

@@ -172,6 +172,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     };
     flusher.abort();
     if let Some(f) = &fan {
+        f.detach_incomplete_mounts();
         f.sync_all();
     }
     flush_state(&daemon, &state_dir);

@@ -181,15 +181,26 @@ pub async fn status(socket: &Path, json: bool) -> Result<()> {
             crate::mib(total),
             100.0 * fetched as f64 / total.max(1) as f64
         );
+        // A backend belongs to the image that registered a blob first;
+        // list each backend once.
+        let mut seen = std::collections::BTreeSet::new();
+        for b in &img.blobs {
+            if seen.insert(b.backend.clone()) {
+                println!(
+                    "  backend {}: {} requests, {}",
+                    b.backend,
+                    b.backend_requests,
+                    crate::mib(b.backend_bytes)
+                );
+            }
+        }
         for b in img.blobs {
             println!(
-                "  blob {}  chunks {}/{}  fetched {}  backend {} requests, {}{}{}",
+                "  blob {}  chunks {}/{}  fetched {}{}{}",
                 &b.digest[..19],
                 b.fetched_chunks,
                 b.chunks,
                 crate::mib(b.fetched_bytes),
-                b.backend_requests,
-                crate::mib(b.backend_bytes),
                 if health.kernel_path == "fanotify" {
                     format!(", {} events", b.events)
                 } else {
