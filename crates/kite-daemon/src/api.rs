@@ -196,6 +196,21 @@ async fn handle(
         }
         (Method::DELETE, p) if p.starts_with("/v1/images/") => {
             let fsid = &p["/v1/images/".len()..];
+            // Save what was fetched before the blobs are forgotten.
+            let (img, state_dir) = match ctx.daemon.registry.lock() {
+                Ok(r) => (r.image(fsid), r.state_dir().map(Path::to_path_buf)),
+                Err(_) => (None, None),
+            };
+            if let (Some(img), Some(dir)) = (&img, &state_dir) {
+                if let Some(fan) = &ctx.fanotify {
+                    fan.sync_blobs(&img.blobs);
+                }
+                for b in &img.blobs {
+                    if let Err(e) = crate::state::save(dir, &b.digest, &b.fetched_map()) {
+                        tracing::warn!(blob = %b.digest, "saving fetch state: {e}");
+                    }
+                }
+            }
             let removed = ctx
                 .daemon
                 .registry

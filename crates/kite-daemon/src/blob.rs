@@ -42,6 +42,8 @@ pub struct BlobState {
     /// Chunks refused because their content did not match the digest.
     pub corrupt_chunks: AtomicU64,
     pub timeout: Duration,
+    /// Chunks to fetch ahead when a miss follows a fetched chunk (0 = off).
+    pub readahead: usize,
 }
 
 impl BlobState {
@@ -66,6 +68,7 @@ impl BlobState {
             fetched_chunks: AtomicU64::new(0),
             corrupt_chunks: AtomicU64::new(0),
             timeout,
+            readahead: 0,
         }
     }
 
@@ -167,6 +170,22 @@ impl BlobState {
             }
             to_fetch.sort_unstable();
             to_fetch.dedup();
+            // Sequential readahead: a miss right after a fetched chunk.
+            if self.readahead > 0 {
+                if let (Some(&first), Some(&last)) = (want.iter().min(), want.iter().max()) {
+                    let fetched = self.fetched.lock().map(|f| f.clone()).unwrap_or_default();
+                    let sequential = first > 0
+                        && (fetched.get(first - 1) == Some(&true)
+                            || inflight.contains_key(&(first - 1)));
+                    if sequential {
+                        for i in last + 1..(last + 1 + self.readahead).min(self.chunks.len()) {
+                            if !fetched[i] && !inflight.contains_key(&i) && !to_fetch.contains(&i) {
+                                to_fetch.push(i);
+                            }
+                        }
+                    }
+                }
+            }
             // Group into runs of adjacent chunks within the merge bound.
             let mut start = 0;
             while start < to_fetch.len() {
@@ -226,42 +245,53 @@ impl BlobState {
                     secs: self.timeout.as_secs(),
                 }),
             };
-        let mut decoder = ChunkDecoder::new().ok();
-        let mut plain = Vec::new();
-        for (&i, tx) in run.iter().zip(senders) {
-            let rec = self.chunks[i];
-            let outcome = match &fetched {
-                Err(e) => Err(e.to_string()),
-                Ok(bytes) => {
+        // Decode every chunk of the run on the blocking pool, concurrently.
+        let decodes: Vec<_> = run
+            .iter()
+            .map(|&i| {
+                let rec = self.chunks[i];
+                let digest = self.digest;
+                let part = fetched.as_ref().ok().map(|bytes| {
                     let off = (rec.compressed_offset - start) as usize;
-                    let stored = &bytes[off..off + rec.compressed_size as usize];
-                    match decoder.as_mut() {
-                        None => Err("zstd decoder unavailable".into()),
-                        Some(d) => match d.decode(self.digest, i, &rec, stored, &mut plain) {
-                            Err(e) => {
-                                self.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
-                                tracing::warn!(blob = %self.digest, chunk = i, "refusing corrupt chunk: {e}");
-                                Err(e.to_string())
-                            }
-                            Ok(()) => {
-                                // Write the whole padded extent, page-aligned.
-                                let mut buf =
-                                    AlignedBuf::zeroed(align4k(plain.len() as u64) as usize);
-                                buf.as_mut_slice()[..plain.len()].copy_from_slice(&plain);
-                                match object.write_at(rec.uncompressed_offset, buf).await {
-                                    Ok(()) => {
-                                        self.mark_fetched(i);
-                                        Ok(())
-                                    }
-                                    Err(e) => Err(format!(
-                                        "blob {} chunk {i}: writing the cache: {e}",
-                                        self.digest
-                                    )),
-                                }
-                            }
-                        },
-                    }
+                    bytes.slice(off..off + rec.compressed_size as usize)
+                });
+                tokio::task::spawn_blocking(move || -> Result<AlignedBuf, (bool, String)> {
+                    let stored = part.ok_or((false, String::new()))?;
+                    let mut dec = ChunkDecoder::new().map_err(|e| (false, e.to_string()))?;
+                    let mut plain = Vec::with_capacity(rec.uncompressed_size as usize);
+                    dec.decode(digest, i, &rec, &stored, &mut plain)
+                        .map_err(|e| (true, e.to_string()))?;
+                    // The whole padded extent, page-aligned.
+                    let mut buf = AlignedBuf::zeroed(align4k(plain.len() as u64) as usize);
+                    buf.as_mut_slice()[..plain.len()].copy_from_slice(&plain);
+                    Ok(buf)
+                })
+            })
+            .collect();
+        for ((&i, tx), task) in run.iter().zip(senders).zip(decodes) {
+            let rec = self.chunks[i];
+            let outcome = match (&fetched, task.await) {
+                (Err(e), _) => Err(e.to_string()),
+                (Ok(_), Err(e)) => {
+                    Err(format!("blob {} chunk {i}: decoder task: {e}", self.digest))
                 }
+                (Ok(_), Ok(Err((corrupt, why)))) => {
+                    if corrupt {
+                        self.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(blob = %self.digest, chunk = i, "refusing corrupt chunk: {why}");
+                    }
+                    Err(why)
+                }
+                (Ok(_), Ok(Ok(buf))) => match object.write_at(rec.uncompressed_offset, buf).await {
+                    Ok(()) => {
+                        self.mark_fetched(i);
+                        Ok(())
+                    }
+                    Err(e) => Err(format!(
+                        "blob {} chunk {i}: writing the cache: {e}",
+                        self.digest
+                    )),
+                },
             };
             if let Ok(mut inflight) = self.inflight.lock() {
                 inflight.remove(&i);

@@ -107,7 +107,12 @@ impl FanotifyPath {
     fn prepare_blob(&self, blob: &Arc<BlobState>) -> Result<Arc<BlobFile>, DaemonError> {
         let mut by_digest = self.by_digest.lock().map_err(|_| DaemonError::Poisoned)?;
         if let Some(f) = by_digest.get(&blob.digest) {
-            return Ok(Arc::clone(f));
+            if Arc::ptr_eq(&f.blob, blob) {
+                return Ok(Arc::clone(f));
+            }
+            // Registered again after being forgotten: the file on disk is
+            // the same, so the new state starts from what the old one knew.
+            blob.restore_fetched(&f.blob.fetched_map());
         }
         let path = self.cache_dir.join("blobs").join(blob.digest.hex());
         let file = OpenOptions::new()
@@ -205,6 +210,11 @@ impl FanotifyPath {
             tracing::debug!(blob = %bf.blob.digest, off, count, missing = want.len(), "pre-content event");
             if want.is_empty() {
                 let _ = ev.answer(Ok(()));
+                // Readahead may have fetched the last chunk with no event
+                // waiting on it: finish the blob here.
+                if bf.blob.is_complete() {
+                    self.complete(&bf);
+                }
                 continue;
             }
             let obj = ev.object(&self.writer);
@@ -261,6 +271,25 @@ impl FanotifyPath {
         match self.group.unmark(&bf.path) {
             Ok(()) => tracing::info!(blob = %bf.blob.digest, "blob complete on disk: mark removed"),
             Err(e) => tracing::warn!(blob = %bf.blob.digest, "removing mark: {e}"),
+        }
+    }
+
+    /// Sync the files of `blobs` (before their fetch state is saved).
+    pub fn sync_blobs(&self, blobs: &[Arc<BlobState>]) {
+        let files: Vec<Arc<BlobFile>> = self
+            .by_digest
+            .lock()
+            .map(|m| {
+                blobs
+                    .iter()
+                    .filter_map(|b| m.get(&b.digest).cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for f in files {
+            if let Err(e) = f.file.sync_data() {
+                tracing::warn!(blob = %f.blob.digest, "sync: {e}");
+            }
         }
     }
 

@@ -71,6 +71,8 @@ pub struct DaemonConfig {
     pub fetch_timeout: Duration,
     /// Force a kernel path instead of choosing automatically.
     pub kernel_path: Option<kite_kernel::features::KernelPath>,
+    /// Chunks fetched ahead of a sequential reader (0 = off).
+    pub readahead: usize,
 }
 
 impl Default for DaemonConfig {
@@ -83,6 +85,7 @@ impl Default for DaemonConfig {
             merge_bound: 4 << 20,
             fetch_timeout: Duration::from_secs(30),
             kernel_path: None,
+            readahead: 4,
         }
     }
 }
@@ -101,10 +104,9 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
         .map_err(DaemonError::Config)?;
     let writer = Writer::start();
     let state_dir = cfg.cache_dir.join("kite-state");
-    let daemon = serve::Daemon::new(
-        registry::Registry::new(Some(state_dir.clone())),
-        cfg.merge_bound,
-    );
+    let mut registry = registry::Registry::new(Some(state_dir.clone()));
+    registry.readahead = cfg.readahead;
+    let daemon = serve::Daemon::new(registry, cfg.merge_bound);
     tracing::info!(
         path = path.name(),
         why = %why,

@@ -31,6 +31,8 @@ pub struct Registry {
     images: HashMap<String, Arc<Image>>,
     blobs: HashMap<Digest, Arc<BlobState>>,
     state_dir: Option<PathBuf>,
+    /// Sequential readahead, in chunks, for new blobs.
+    pub readahead: usize,
 }
 
 impl Registry {
@@ -66,14 +68,16 @@ impl Registry {
                     let chunks = (0..view.chunk_count)
                         .map(|c| parsed.index.chunk(&view, c))
                         .collect();
-                    let b = Arc::new(BlobState::new(
+                    let mut b = BlobState::new(
                         digest,
                         view.record.uncompressed_size,
                         view.record.compressed_size,
                         chunks,
                         Arc::clone(&backend),
                         timeout,
-                    ));
+                    );
+                    b.readahead = self.readahead;
+                    let b = Arc::new(b);
                     if let Some(dir) = &self.state_dir {
                         if let Some(map) = crate::state::load(dir, &digest) {
                             b.restore_fetched(&map);

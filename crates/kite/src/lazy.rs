@@ -18,6 +18,7 @@ pub async fn daemon(
     merge_bound: u64,
     fetch_timeout: u64,
     kernel_path: Option<String>,
+    readahead: usize,
 ) -> Result<()> {
     let kernel_path = match kernel_path.as_deref() {
         None | Some("auto") => None,
@@ -33,6 +34,7 @@ pub async fn daemon(
         merge_bound,
         fetch_timeout: Duration::from_secs(fetch_timeout),
         kernel_path,
+        readahead,
         ..Default::default()
     };
     kite_daemon::run(cfg).await?;

@@ -95,6 +95,9 @@ enum Cmd {
         /// auto, cachefiles or fanotify.
         #[arg(long, default_value = "auto")]
         kernel_path: String,
+        /// Chunks to fetch ahead of a sequential reader (0 disables).
+        #[arg(long, default_value_t = 4)]
+        readahead: usize,
     },
     /// Mount a converted image lazily through the daemon (root).
     Mount {
@@ -205,6 +208,7 @@ fn run(cli: Cli) -> Result<()> {
             merge_bound,
             fetch_timeout,
             kernel_path,
+            readahead,
         } => {
             init_logging();
             runtime()?.block_on(lazy::daemon(
@@ -213,6 +217,7 @@ fn run(cli: Cli) -> Result<()> {
                 merge_bound,
                 fetch_timeout,
                 Some(kernel_path),
+                readahead,
             ))?;
         }
         Cmd::Mount {
