@@ -178,8 +178,9 @@ impl BlobState {
                         && (fetched.get(first - 1) == Some(&true)
                             || inflight.contains_key(&(first - 1)));
                     if sequential {
-                        for i in last + 1..(last + 1 + self.readahead).min(self.chunks.len()) {
-                            if !fetched[i] && !inflight.contains_key(&i) && !to_fetch.contains(&i) {
+                        let end = (last + 1 + self.readahead).min(self.chunks.len());
+                        for (i, done) in fetched.iter().enumerate().take(end).skip(last + 1) {
+                            if !done && !inflight.contains_key(&i) && !to_fetch.contains(&i) {
                                 to_fetch.push(i);
                             }
                         }

@@ -220,8 +220,17 @@ fn fixture() -> Fixture {
 }
 
 fn setup(f: &Fixture, backend: TestBackend) -> (Arc<Daemon>, Arc<SimKernel>, Arc<TestBackend>) {
+    setup_with(f, backend, 0)
+}
+
+fn setup_with(
+    f: &Fixture,
+    backend: TestBackend,
+    readahead: usize,
+) -> (Arc<Daemon>, Arc<SimKernel>, Arc<TestBackend>) {
     let backend = Arc::new(backend);
     let mut reg = Registry::new(None);
+    reg.readahead = readahead;
     reg.register(
         f.bootstrap.clone(),
         backend.clone(),
@@ -388,6 +397,33 @@ async fn adjacent_chunks_in_one_batch_are_one_request() {
             f.raw[(i << 20) as usize..((i + 1) << 20) as usize]
         );
     }
+}
+
+#[tokio::test]
+async fn sequential_misses_read_ahead_random_ones_do_not() {
+    let f = fixture();
+    let (_, kernel, backend) = setup_with(&f, backend(&f.conv), 1);
+    let blob = open(&kernel, 1, 1, &f.blob.hex());
+    settle().await;
+    // A first miss in chunk 0: no chunk before it was fetched, no readahead.
+    read(&kernel, 2, 1, 0, 4096);
+    blob.wait_completed(2).await;
+    settle().await;
+    assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
+    assert!(
+        blob.read(1 << 20, 4096).is_none(),
+        "random miss must not read ahead"
+    );
+    // A miss in chunk 1 right after chunk 0: chunk 2 comes along, in the
+    // same request.
+    read(&kernel, 3, 1, 1 << 20, 4096);
+    blob.wait_completed(3).await;
+    settle().await;
+    assert_eq!(backend.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        blob.read(2 << 20, 1 << 20).unwrap(),
+        f.raw[2 << 20..3 << 20]
+    );
 }
 
 #[tokio::test]

@@ -231,7 +231,7 @@ impl Group {
                 source: e,
             })?;
             let mut buf = vec![0u8; 64 * 1024];
-            let n = match (&*self.file.get_ref()).read(&mut buf) {
+            let n = match self.file.get_ref().read(&mut buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     guard.clear_ready();
@@ -272,7 +272,9 @@ impl Group {
     }
 
     fn respond(&self, fd: i32, response: u32) -> io::Result<()> {
-        (&*self.file.get_ref()).write_all(&encode_response(fd, response))
+        self.file
+            .get_ref()
+            .write_all(&encode_response(fd, response))
     }
 }
 
