@@ -142,6 +142,38 @@ impl BlobState {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Keep a sequential reader's window full: the reader is at `at` (data
+    /// present), so start fetching the chunks after it that are neither
+    /// present nor in flight, up to `readahead` ahead. Nothing waits on
+    /// these fetches.
+    pub fn read_ahead_from(
+        self: &Arc<Self>,
+        at: usize,
+        object: &Arc<dyn CacheObject>,
+        merge_bound: u64,
+    ) {
+        if self.readahead == 0 {
+            return;
+        }
+        let end = (at + 1 + self.readahead).min(self.chunks.len());
+        let next: Vec<usize> = {
+            let Ok(fetched) = self.fetched.lock() else {
+                return;
+            };
+            let Ok(inflight) = self.inflight.lock() else {
+                return;
+            };
+            (at + 1..end)
+                .filter(|&i| !fetched[i] && !inflight.contains_key(&i))
+                .collect()
+        };
+        if !next.is_empty() {
+            if let Err(e) = self.start(&next, object, merge_bound) {
+                tracing::debug!(blob = %self.digest, "readahead: {e}");
+            }
+        }
+    }
+
     /// Start fetches for the chunks of `want` that are neither present nor
     /// in flight, merging adjacent ones; returns a receiver per chunk. Does
     /// not wait, so a batch of READs can be planned together first.

@@ -209,6 +209,17 @@ impl FanotifyPath {
                 .collect();
             tracing::debug!(blob = %bf.blob.digest, off, count, missing = want.len(), "pre-content event");
             if want.is_empty() {
+                // A hit: move a sequential reader's window forward before
+                // it gets there.
+                if let Some(at) = bf.blob.chunks_for(off, count).last() {
+                    if at > 0 && bf.blob.is_fetched(at - 1) {
+                        bf.blob.read_ahead_from(
+                            at,
+                            &ev.object(&self.writer),
+                            self.daemon.merge_bound,
+                        );
+                    }
+                }
                 let _ = ev.answer(Ok(()));
                 // Readahead may have fetched the last chunk with no event
                 // waiting on it: finish the blob here.
