@@ -5,7 +5,10 @@
 # blob has one cache file); reading all of image 1 fetches every chunk of
 # the shared blob; reading all of image 2 afterwards fetches only image 2's
 # own blob: the shared blob's fetched chunks and backend requests do not
-# grow. Both trees match the host's manifests.
+# grow. Both trees match the host's manifests. (The daemon keeps one state
+# per blob, using the backend of the image that registered it first, so the
+# shared blob's request counter is image 1's backend's, in both images'
+# status entries.)
 #
 # Host side: ocigen's Layer/Layout API builds the two layouts (identical
 # base layer specs give identical tar bytes); `kite inspect --blobs-only`
@@ -115,5 +118,5 @@ scenario_guest() {
     kite umount /mnt/i1 >&2 || dl_fail "kite umount /mnt/i1 failed"
     kite umount /mnt/i2 >&2 || dl_fail "kite umount /mnt/i2 failed"
     dl_daemon_stop
-    echo "both trees match the host; shared blob ($chunks chunks) fetched by image 1 with $r1 requests ($b1 bytes); reading image 2: shared blob unchanged ($f2 chunks, $r2 requests), own blob $own_fetched/$own_chunks chunks in $own_req requests" >"$KITE_DETAIL"
+    echo "both trees match the host; after image 1: shared blob $f1/$chunks chunks, image 1's backend (which serves the shared blob) $r1 requests, $b1 bytes; after image 2: shared blob unchanged ($f2 chunks, $r2 requests, $b2 bytes), image 2's own blob $own_fetched/$own_chunks chunks in $own_req requests" >"$KITE_DETAIL"
 }

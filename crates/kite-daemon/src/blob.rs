@@ -28,6 +28,9 @@ use crate::backend::{Backend, FetchError};
 /// Per-chunk outcome published to waiters: `None` while in flight.
 type Outcome = Option<Result<(), String>>;
 
+/// What a READ waits on: one receiver per chunk it needs.
+pub type Waits = Vec<(usize, watch::Receiver<Outcome>)>;
+
 pub struct BlobState {
     pub digest: Digest,
     pub uncompressed_size: u64,
@@ -35,6 +38,10 @@ pub struct BlobState {
     pub chunks: Vec<ChunkRecord>,
     pub backend: Arc<dyn Backend>,
     inflight: Mutex<HashMap<usize, watch::Receiver<Outcome>>>,
+    /// Recent failures: a chunk that failed is not fetched again for one
+    /// fetch timeout, so the kernel's retries of a failed range fail at
+    /// once instead of each waiting out the timeout again.
+    failed: Mutex<HashMap<usize, (std::time::Instant, String)>>,
     /// Chunks written to the cache by this daemon (or found so at start).
     fetched: Mutex<Vec<bool>>,
     pub fetched_bytes: AtomicU64,
@@ -63,6 +70,7 @@ impl BlobState {
             chunks,
             backend,
             inflight: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
             fetched: Mutex::new(vec![false; n]),
             fetched_bytes: AtomicU64::new(0),
             fetched_chunks: AtomicU64::new(0),
@@ -126,6 +134,11 @@ impl BlobState {
         merge_bound: u64,
     ) -> Result<(), String> {
         let waits = self.start(want, object, merge_bound)?;
+        self.wait(waits).await
+    }
+
+    /// Wait for the outcome of every chunk in `waits`; the first failure.
+    pub async fn wait(&self, waits: Waits) -> Result<(), String> {
         let mut first_err = None;
         for (i, mut rx) in waits {
             let r = match rx.wait_for(|o| o.is_some()).await {
@@ -174,32 +187,49 @@ impl BlobState {
         }
     }
 
-    /// Start fetches for the chunks of `want` that are neither present nor
-    /// in flight, merging adjacent ones; returns a receiver per chunk. Does
-    /// not wait, so a batch of READs can be planned together first.
+    /// Start fetches for the chunks of `want` that are not in flight (and
+    /// did not just fail), merging adjacent ones and adding sequential
+    /// readahead; returns one receiver per chunk of `want` (readahead
+    /// chunks are not waited on). Does not wait, so a batch of READs can be
+    /// planned together and each READ then waits only for its own chunks.
     pub fn start(
         self: &Arc<Self>,
         want: &[usize],
         object: &Arc<dyn CacheObject>,
         merge_bound: u64,
-    ) -> Result<Vec<(usize, watch::Receiver<Outcome>)>, String> {
-        let mut waits: Vec<(usize, watch::Receiver<Outcome>)> = Vec::new();
+    ) -> Result<Waits, String> {
+        let mut waits: Waits = Vec::new();
         let mut to_fetch: Vec<usize> = Vec::new();
+        let mut wanted: Vec<usize> = want.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
         {
+            let failed = self
+                .failed
+                .lock()
+                .map_err(|_| "blob state poisoned".to_string())?;
             let mut inflight = self
                 .inflight
                 .lock()
                 .map_err(|_| "blob state poisoned".to_string())?;
-            for &i in want {
+            for &i in &wanted {
                 if i >= self.chunks.len() {
                     return Err(format!("blob {}: chunk {i} does not exist", self.digest));
                 }
                 if let Some(rx) = inflight.get(&i) {
                     waits.push((i, rx.clone()));
+                } else if let Some((_, why)) =
+                    failed.get(&i).filter(|(t, _)| t.elapsed() < self.timeout)
+                {
+                    let (_tx, rx) = watch::channel(Some(Err(format!(
+                        "{why} (failed recently, not retried yet)"
+                    ))));
+                    waits.push((i, rx));
                 } else {
                     to_fetch.push(i);
                 }
             }
+            drop(failed);
             to_fetch.sort_unstable();
             to_fetch.dedup();
             // Sequential readahead: a miss right after a fetched chunk.
@@ -242,7 +272,9 @@ impl BlobState {
                 for &i in &run {
                     let (tx, rx) = watch::channel(None);
                     inflight.insert(i, rx.clone());
-                    waits.push((i, rx));
+                    if wanted.binary_search(&i).is_ok() {
+                        waits.push((i, rx));
+                    }
                     senders.push(tx);
                 }
                 let me = Arc::clone(self);
@@ -326,6 +358,16 @@ impl BlobState {
                     )),
                 },
             };
+            if let Ok(mut failed) = self.failed.lock() {
+                match &outcome {
+                    Ok(()) => {
+                        failed.remove(&i);
+                    }
+                    Err(why) => {
+                        failed.insert(i, (std::time::Instant::now(), why.clone()));
+                    }
+                }
+            }
             if let Ok(mut inflight) = self.inflight.lock() {
                 inflight.remove(&i);
             }

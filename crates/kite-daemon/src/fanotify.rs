@@ -27,7 +27,7 @@ use kite_format::Digest;
 use kite_kernel::fanotify::{Group, PermEvent};
 use kite_kernel::uring::Writer;
 
-use crate::blob::BlobState;
+use crate::blob::{BlobState, Waits};
 use crate::registry::Image;
 use crate::serve::Daemon;
 use crate::DaemonError;
@@ -235,15 +235,40 @@ impl FanotifyPath {
             p.1.extend_from_slice(&want);
             work.push((ev, bf, want, obj));
         }
-        for (_, (bf, want, obj)) in plans {
-            if let Err(e) = bf.blob.start(&want, &obj, self.daemon.merge_bound) {
+        // One plan per blob for the batch; each event then waits only on
+        // the receivers of its own chunks.
+        let mut planned: HashMap<Digest, Result<HashMap<usize, Waits>, String>> = HashMap::new();
+        for (digest, (bf, want, obj)) in plans {
+            let r = bf
+                .blob
+                .start(&want, &obj, self.daemon.merge_bound)
+                .map(|waits| {
+                    let mut by_chunk: HashMap<usize, Waits> = HashMap::new();
+                    for (i, rx) in waits {
+                        by_chunk.entry(i).or_default().push((i, rx));
+                    }
+                    by_chunk
+                });
+            if let Err(e) = &r {
                 tracing::error!(blob = %bf.blob.digest, "planning fetch: {e}");
             }
+            planned.insert(digest, r);
         }
         for (ev, bf, want, obj) in work {
             let me = Arc::clone(self);
+            let waits: Result<Waits, String> = match planned.get(&bf.blob.digest) {
+                Some(Ok(by_chunk)) => Ok(want
+                    .iter()
+                    .flat_map(|i| by_chunk.get(i).cloned().unwrap_or_default())
+                    .collect()),
+                Some(Err(e)) => Err(e.clone()),
+                None => Err("not planned".into()),
+            };
             tokio::spawn(async move {
-                let r = bf.blob.ensure(&want, &obj, me.daemon.merge_bound).await;
+                let r = match waits {
+                    Ok(w) => bf.blob.wait(w).await,
+                    Err(e) => Err(e),
+                };
                 drop(obj);
                 match r {
                     Ok(()) => {

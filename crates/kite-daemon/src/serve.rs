@@ -259,6 +259,7 @@ fn dispatch_reads(daemon: &Arc<Daemon>, reads: Vec<(u32, u32, u64, u64)>) {
                 tasks.push(ReadTask::Blob {
                     blob: Arc::clone(b),
                     want,
+                    waits: Ok(Vec::new()),
                     off,
                     len,
                     done,
@@ -267,12 +268,37 @@ fn dispatch_reads(daemon: &Arc<Daemon>, reads: Vec<(u32, u32, u64, u64)>) {
         }
     }
     drop(objects);
-    for (_, (blob, object, want)) in plans {
-        if let Err(e) = blob.start(&want, &object, daemon.merge_bound) {
+    // One plan per blob for the whole batch; each READ then waits only on
+    // the receivers of its own chunks.
+    let mut planned: HashMap<Digest, Result<HashMap<usize, crate::blob::Waits>, String>> =
+        HashMap::new();
+    for (digest, (blob, object, want)) in plans {
+        let r = blob.start(&want, &object, daemon.merge_bound).map(|waits| {
+            let mut by_chunk: HashMap<usize, crate::blob::Waits> = HashMap::new();
+            for (i, rx) in waits {
+                by_chunk.entry(i).or_default().push((i, rx));
+            }
+            by_chunk
+        });
+        if let Err(e) = &r {
             tracing::error!(blob = %blob.digest, "planning fetch: {e}");
         }
+        planned.insert(digest, r);
     }
-    for t in tasks {
+    for mut t in tasks {
+        if let ReadTask::Blob {
+            blob, want, waits, ..
+        } = &mut t
+        {
+            *waits = match planned.get(&blob.digest) {
+                Some(Ok(by_chunk)) => Ok(want
+                    .iter()
+                    .flat_map(|i| by_chunk.get(i).cloned().unwrap_or_default())
+                    .collect()),
+                Some(Err(e)) => Err(e.clone()),
+                None => Err("not planned".into()),
+            };
+        }
         let d = Arc::clone(daemon);
         tokio::spawn(async move { t.run(&d).await });
     }
@@ -288,6 +314,8 @@ enum ReadTask {
     Blob {
         blob: Arc<BlobState>,
         want: Vec<usize>,
+        /// Receivers for `want`, filled in after the batch is planned.
+        waits: Result<crate::blob::Waits, String>,
         off: u64,
         len: u64,
         done: Completion,
@@ -313,6 +341,7 @@ impl ReadTask {
             ReadTask::Blob {
                 blob,
                 want,
+                waits,
                 off,
                 len,
                 done,
@@ -320,7 +349,11 @@ impl ReadTask {
                 if want.is_empty() {
                     tracing::warn!(msg_id = done.msg_id, blob = %blob.digest, off, len, "READ outside every chunk");
                 }
-                if let Err(e) = blob.ensure(&want, &done.object, daemon.merge_bound).await {
+                let r = match waits {
+                    Ok(w) => blob.wait(w).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = r {
                     daemon.stats.reads_failed.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(msg_id = done.msg_id, blob = %blob.digest, off, len, "READ failed, completing without data: {e}");
                 }

@@ -457,6 +457,30 @@ async fn backend_error_is_completed_without_data() {
 }
 
 #[tokio::test]
+async fn a_retried_failed_range_fails_at_once_without_refetching() {
+    let f = fixture();
+    let mut b = backend(&f.conv);
+    b.fail = true;
+    b.delay = Duration::from_millis(300);
+    let (_, kernel, backend) = setup(&f, b);
+    let blob = open(&kernel, 1, 1, &f.blob.hex());
+    settle().await;
+    read(&kernel, 2, 1, 0, 4096);
+    blob.wait_completed(2).await;
+    // The kernel retries the range: answered at once, no second fetch.
+    let t = std::time::Instant::now();
+    read(&kernel, 3, 1, 0, 4096);
+    blob.wait_completed(3).await;
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "retry waited {:?}",
+        t.elapsed()
+    );
+    assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
+    assert!(blob.writes.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn malformed_messages_are_still_answered() {
     let f = fixture();
     let (_, kernel, _) = setup(&f, backend(&f.conv));
