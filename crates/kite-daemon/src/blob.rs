@@ -323,12 +323,12 @@ impl BlobState {
                 tokio::task::spawn_blocking(move || -> Result<AlignedBuf, (bool, String)> {
                     let stored = part.ok_or((false, String::new()))?;
                     let mut dec = ChunkDecoder::new().map_err(|e| (false, e.to_string()))?;
-                    let mut plain = Vec::with_capacity(rec.uncompressed_size as usize);
-                    dec.decode(digest, i, &rec, &stored, &mut plain)
+                    // Decode straight into the page-aligned buffer whose
+                    // padded extent is written to the cache.
+                    let mut buf =
+                        AlignedBuf::zeroed(align4k(rec.uncompressed_size as u64) as usize);
+                    dec.decode_into(digest, i, &rec, &stored, buf.as_mut_slice())
                         .map_err(|e| (true, e.to_string()))?;
-                    // The whole padded extent, page-aligned.
-                    let mut buf = AlignedBuf::zeroed(align4k(plain.len() as u64) as usize);
-                    buf.as_mut_slice()[..plain.len()].copy_from_slice(&plain);
                     Ok(buf)
                 })
             })

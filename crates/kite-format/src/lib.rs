@@ -234,6 +234,56 @@ impl ChunkDecoder {
     }
 }
 
+impl ChunkDecoder {
+    /// Like [`ChunkDecoder::decode`], but into a caller-provided buffer
+    /// (at least the chunk's uncompressed size), avoiding a copy. Returns
+    /// the chunk's length; on error the buffer's content must not be used.
+    pub fn decode_into(
+        &mut self,
+        blob: Digest,
+        chunk: usize,
+        rec: &ChunkRecord,
+        stored: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, FormatError> {
+        let bad = |why: String| FormatError::BadChunk { blob, chunk, why };
+        let n = rec.uncompressed_size as usize;
+        if stored.len() != rec.compressed_size as usize {
+            return Err(bad(format!(
+                "{} stored bytes, index says {}",
+                stored.len(),
+                rec.compressed_size
+            )));
+        }
+        if out.len() < n {
+            return Err(bad(format!(
+                "buffer of {} bytes for a {n}-byte chunk",
+                out.len()
+            )));
+        }
+        let out = &mut out[..n];
+        if rec.is_zstd() {
+            let got = self
+                .zstd
+                .decompress_to_buffer(stored, out)
+                .map_err(|e| bad(format!("zstd: {e}")))?;
+            if got != n {
+                return Err(bad(format!("decompressed to {got} bytes, index says {n}")));
+            }
+        } else {
+            if rec.compressed_size != rec.uncompressed_size {
+                return Err(bad("raw chunk with differing sizes".into()));
+            }
+            out.copy_from_slice(stored);
+        }
+        let got = Digest::of(out);
+        if got != rec.digest {
+            return Err(bad(format!("digest mismatch: content is {}", got.oci())));
+        }
+        Ok(n)
+    }
+}
+
 /// Decode and verify one chunk with a fresh decoder (see [`ChunkDecoder::decode`]).
 pub fn decode_chunk(
     blob: Digest,
@@ -326,6 +376,37 @@ mod tests {
         if flags == 0 {
             assert_eq!(stored, noise);
         }
+    }
+
+    #[test]
+    fn decode_into_matches_decode_and_checks_the_buffer() {
+        let text = b"kite kite kite ".repeat(500);
+        let (stored, flags) = compress_chunk(&text, 3).unwrap();
+        let rec = ChunkRecord {
+            digest: Digest::of(&text),
+            uncompressed_offset: 0,
+            compressed_offset: 0,
+            uncompressed_size: text.len() as u32,
+            compressed_size: stored.len() as u32,
+            flags,
+        };
+        let mut dec = ChunkDecoder::new().unwrap();
+        let mut buf = vec![0u8; 8192];
+        let n = dec
+            .decode_into(Digest::ZERO, 3, &rec, &stored, &mut buf)
+            .unwrap();
+        assert_eq!(&buf[..n], &text[..]);
+        let mut short = vec![0u8; 10];
+        assert!(dec
+            .decode_into(Digest::ZERO, 3, &rec, &stored, &mut short)
+            .is_err());
+        let mut bad = stored.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let err = dec
+            .decode_into(Digest::ZERO, 3, &rec, &bad, &mut buf)
+            .unwrap_err();
+        assert!(err.to_string().contains("chunk 3"), "{err}");
     }
 
     #[test]
