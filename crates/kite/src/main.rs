@@ -84,7 +84,7 @@ enum Cmd {
         #[arg(long, default_value = "/var/cache/kite/cachefiles")]
         cache_dir: PathBuf,
         /// Control API socket.
-        #[arg(long, default_value = lazy::DEFAULT_SOCKET)]
+        #[arg(long, env = "KITE_SOCKET", default_value = lazy::DEFAULT_SOCKET)]
         socket: PathBuf,
         /// Largest merged backend request, in bytes of stored data.
         #[arg(long, default_value_t = 4 << 20)]
@@ -104,7 +104,7 @@ enum Cmd {
         /// A converted image directory.
         source: PathBuf,
         mountpoint: PathBuf,
-        #[arg(long, default_value = lazy::DEFAULT_SOCKET)]
+        #[arg(long, env = "KITE_SOCKET", default_value = lazy::DEFAULT_SOCKET)]
         socket: PathBuf,
         /// Fetch blobs from this base URL (<url>/blobs/sha256/<hex>)
         /// instead of the source directory.
@@ -117,12 +117,12 @@ enum Cmd {
     /// Unmount a kite mount and forget the image if nothing else uses it.
     Umount {
         mountpoint: PathBuf,
-        #[arg(long, default_value = lazy::DEFAULT_SOCKET)]
+        #[arg(long, env = "KITE_SOCKET", default_value = lazy::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
     /// Show the daemon's images, fetched bytes and backend requests.
     Status {
-        #[arg(long, default_value = lazy::DEFAULT_SOCKET)]
+        #[arg(long, env = "KITE_SOCKET", default_value = lazy::DEFAULT_SOCKET)]
         socket: PathBuf,
         #[arg(long)]
         json: bool,
