@@ -31,6 +31,46 @@ type Outcome = Option<Result<(), String>>;
 /// What a READ waits on: one receiver per chunk it needs.
 pub type Waits = Vec<(usize, watch::Receiver<Outcome>)>;
 
+/// A batch of requests planned together: per blob, the receivers of every
+/// chunk the batch needs (or why planning failed).
+#[derive(Default)]
+pub struct Batch {
+    planned: HashMap<Digest, Result<HashMap<usize, watch::Receiver<Outcome>>, String>>,
+}
+
+impl Batch {
+    /// Start fetching, for each blob, the union of the chunks the batch
+    /// needs (so adjacent chunks merge into one request).
+    pub fn plan<'a>(
+        plans: impl IntoIterator<Item = (&'a Arc<BlobState>, &'a Arc<dyn CacheObject>, &'a [usize])>,
+        merge_bound: u64,
+    ) -> Batch {
+        let mut b = Batch::default();
+        for (blob, object, want) in plans {
+            let r = blob
+                .start(want, object, merge_bound)
+                .map(|waits| waits.into_iter().collect::<HashMap<_, _>>());
+            if let Err(e) = &r {
+                tracing::error!(blob = %blob.digest, "planning fetch: {e}");
+            }
+            b.planned.insert(blob.digest, r);
+        }
+        b
+    }
+
+    /// The receivers one request of the batch waits on.
+    pub fn waits(&self, blob: &Digest, want: &[usize]) -> Result<Waits, String> {
+        match self.planned.get(blob) {
+            Some(Ok(by_chunk)) => Ok(want
+                .iter()
+                .filter_map(|&i| by_chunk.get(&i).map(|rx| (i, rx.clone())))
+                .collect()),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err(format!("blob {blob}: request not planned")),
+        }
+    }
+}
+
 pub struct BlobState {
     pub digest: Digest,
     pub uncompressed_size: u64,

@@ -27,7 +27,7 @@ use kite_format::Digest;
 use kite_kernel::fanotify::{Group, PermEvent};
 use kite_kernel::uring::Writer;
 
-use crate::blob::{BlobState, Waits};
+use crate::blob::BlobState;
 use crate::registry::Image;
 use crate::serve::Daemon;
 use crate::DaemonError;
@@ -237,33 +237,13 @@ impl FanotifyPath {
         }
         // One plan per blob for the batch; each event then waits only on
         // the receivers of its own chunks.
-        let mut planned: HashMap<Digest, Result<HashMap<usize, Waits>, String>> = HashMap::new();
-        for (digest, (bf, want, obj)) in plans {
-            let r = bf
-                .blob
-                .start(&want, &obj, self.daemon.merge_bound)
-                .map(|waits| {
-                    let mut by_chunk: HashMap<usize, Waits> = HashMap::new();
-                    for (i, rx) in waits {
-                        by_chunk.entry(i).or_default().push((i, rx));
-                    }
-                    by_chunk
-                });
-            if let Err(e) = &r {
-                tracing::error!(blob = %bf.blob.digest, "planning fetch: {e}");
-            }
-            planned.insert(digest, r);
-        }
+        let batch = crate::blob::Batch::plan(
+            plans.values().map(|(bf, w, o)| (&bf.blob, o, w.as_slice())),
+            self.daemon.merge_bound,
+        );
         for (ev, bf, want, obj) in work {
             let me = Arc::clone(self);
-            let waits: Result<Waits, String> = match planned.get(&bf.blob.digest) {
-                Some(Ok(by_chunk)) => Ok(want
-                    .iter()
-                    .flat_map(|i| by_chunk.get(i).cloned().unwrap_or_default())
-                    .collect()),
-                Some(Err(e)) => Err(e.clone()),
-                None => Err("not planned".into()),
-            };
+            let waits = batch.waits(&bf.blob.digest, &want);
             tokio::spawn(async move {
                 let r = match waits {
                     Ok(w) => bf.blob.wait(w).await,

@@ -270,34 +270,16 @@ fn dispatch_reads(daemon: &Arc<Daemon>, reads: Vec<(u32, u32, u64, u64)>) {
     drop(objects);
     // One plan per blob for the whole batch; each READ then waits only on
     // the receivers of its own chunks.
-    let mut planned: HashMap<Digest, Result<HashMap<usize, crate::blob::Waits>, String>> =
-        HashMap::new();
-    for (digest, (blob, object, want)) in plans {
-        let r = blob.start(&want, &object, daemon.merge_bound).map(|waits| {
-            let mut by_chunk: HashMap<usize, crate::blob::Waits> = HashMap::new();
-            for (i, rx) in waits {
-                by_chunk.entry(i).or_default().push((i, rx));
-            }
-            by_chunk
-        });
-        if let Err(e) = &r {
-            tracing::error!(blob = %blob.digest, "planning fetch: {e}");
-        }
-        planned.insert(digest, r);
-    }
+    let batch = crate::blob::Batch::plan(
+        plans.values().map(|(b, o, w)| (b, o, w.as_slice())),
+        daemon.merge_bound,
+    );
     for mut t in tasks {
         if let ReadTask::Blob {
             blob, want, waits, ..
         } = &mut t
         {
-            *waits = match planned.get(&blob.digest) {
-                Some(Ok(by_chunk)) => Ok(want
-                    .iter()
-                    .flat_map(|i| by_chunk.get(i).cloned().unwrap_or_default())
-                    .collect()),
-                Some(Err(e)) => Err(e.clone()),
-                None => Err("not planned".into()),
-            };
+            *waits = batch.waits(&blob.digest, want);
         }
         let d = Arc::clone(daemon);
         tokio::spawn(async move { t.run(&d).await });

@@ -185,8 +185,7 @@ impl ChunkDecoder {
     }
 
     /// Decode the stored bytes of chunk `chunk` of `blob` into `out` (cleared
-    /// first) and verify size and sha256. On error `out` holds nothing that
-    /// may be used.
+    /// first) and verify size and sha256. On error `out` is left empty.
     pub fn decode(
         &mut self,
         blob: Digest,
@@ -195,42 +194,15 @@ impl ChunkDecoder {
         stored: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), FormatError> {
-        let bad = |why: String| FormatError::BadChunk { blob, chunk, why };
-        if stored.len() != rec.compressed_size as usize {
-            return Err(bad(format!(
-                "{} stored bytes, index says {}",
-                stored.len(),
-                rec.compressed_size
-            )));
-        }
         out.clear();
-        if rec.is_zstd() {
-            // Capacity bounds the output: a frame that inflates beyond the
-            // recorded size fails instead of allocating without limit.
-            out.reserve_exact(rec.uncompressed_size as usize);
-            let n = self
-                .zstd
-                .decompress_to_buffer(stored, out)
-                .map_err(|e| bad(format!("zstd: {e}")))?;
-            if n != rec.uncompressed_size as usize {
+        out.resize(rec.uncompressed_size as usize, 0);
+        match self.decode_into(blob, chunk, rec, stored, out) {
+            Ok(_) => Ok(()),
+            Err(e) => {
                 out.clear();
-                return Err(bad(format!(
-                    "decompressed to {n} bytes, index says {}",
-                    rec.uncompressed_size
-                )));
+                Err(e)
             }
-        } else {
-            if rec.compressed_size != rec.uncompressed_size {
-                return Err(bad("raw chunk with differing sizes".into()));
-            }
-            out.extend_from_slice(stored);
         }
-        let got = Digest::of(out);
-        if got != rec.digest {
-            out.clear();
-            return Err(bad(format!("digest mismatch: content is {}", got.oci())));
-        }
-        Ok(())
     }
 }
 
