@@ -28,6 +28,9 @@ use crate::backend::{Backend, FetchError};
 /// Per-chunk outcome published to waiters: `None` while in flight.
 type Outcome = Option<Result<(), String>>;
 
+/// How long a failed chunk is answered from the negative cache.
+pub const FAILURE_TTL: Duration = Duration::from_secs(2);
+
 /// What a READ waits on: one receiver per chunk it needs.
 pub type Waits = Vec<(usize, watch::Receiver<Outcome>)>;
 
@@ -61,10 +64,15 @@ impl Batch {
     /// The receivers one request of the batch waits on.
     pub fn waits(&self, blob: &Digest, want: &[usize]) -> Result<Waits, String> {
         match self.planned.get(blob) {
-            Some(Ok(by_chunk)) => Ok(want
+            Some(Ok(by_chunk)) => want
                 .iter()
-                .filter_map(|&i| by_chunk.get(&i).map(|rx| (i, rx.clone())))
-                .collect()),
+                .map(|&i| {
+                    by_chunk
+                        .get(&i)
+                        .map(|rx| (i, rx.clone()))
+                        .ok_or_else(|| format!("blob {blob}: chunk {i} missing from the plan"))
+                })
+                .collect(),
             Some(Err(e)) => Err(e.clone()),
             None => Err(format!("blob {blob}: request not planned")),
         }
@@ -77,10 +85,11 @@ pub struct BlobState {
     pub compressed_size: u64,
     pub chunks: Vec<ChunkRecord>,
     pub backend: Arc<dyn Backend>,
-    inflight: Mutex<HashMap<usize, watch::Receiver<Outcome>>>,
-    /// Recent failures: a chunk that failed is not fetched again for one
-    /// fetch timeout, so the kernel's retries of a failed range fail at
-    /// once instead of each waiting out the timeout again.
+    /// Fetches in flight, by (chunk, target cache file).
+    inflight: Mutex<HashMap<(usize, u64), watch::Receiver<Outcome>>>,
+    /// Recent remote failures of requested chunks: not fetched again for
+    /// [`FAILURE_TTL`], so the kernel's immediate retries of a failed range
+    /// fail at once instead of each waiting out the fetch timeout again.
     failed: Mutex<HashMap<usize, (std::time::Instant, String)>>,
     /// Chunks written to the cache by this daemon (or found so at start).
     fetched: Mutex<Vec<bool>>,
@@ -210,18 +219,19 @@ impl BlobState {
         }
         let end = (at + 1 + self.readahead).min(self.chunks.len());
         let next: Vec<usize> = {
-            let Ok(fetched) = self.fetched.lock() else {
-                return;
-            };
+            // Lock order everywhere: failed, inflight, fetched.
             let Ok(inflight) = self.inflight.lock() else {
                 return;
             };
+            let Ok(fetched) = self.fetched.lock() else {
+                return;
+            };
             (at + 1..end)
-                .filter(|&i| !fetched[i] && !inflight.contains_key(&i))
+                .filter(|&i| !fetched[i] && !inflight.contains_key(&(i, object.target())))
                 .collect()
         };
         if !next.is_empty() {
-            if let Err(e) = self.start(&next, object, merge_bound) {
+            if let Err(e) = self.start_inner(&next, object, merge_bound, false) {
                 tracing::debug!(blob = %self.digest, "readahead: {e}");
             }
         }
@@ -238,28 +248,35 @@ impl BlobState {
         object: &Arc<dyn CacheObject>,
         merge_bound: u64,
     ) -> Result<Waits, String> {
+        self.start_inner(want, object, merge_bound, true)
+    }
+
+    fn start_inner(
+        self: &Arc<Self>,
+        want: &[usize],
+        object: &Arc<dyn CacheObject>,
+        merge_bound: u64,
+        extend_readahead: bool,
+    ) -> Result<Waits, String> {
+        let target = object.target();
         let mut waits: Waits = Vec::new();
         let mut to_fetch: Vec<usize> = Vec::new();
         let mut wanted: Vec<usize> = want.to_vec();
         wanted.sort_unstable();
         wanted.dedup();
         {
-            let failed = self
-                .failed
-                .lock()
-                .map_err(|_| "blob state poisoned".to_string())?;
-            let mut inflight = self
-                .inflight
-                .lock()
-                .map_err(|_| "blob state poisoned".to_string())?;
+            let poisoned = || format!("blob {}: state lock poisoned", self.digest);
+            let failed = self.failed.lock().map_err(|_| poisoned())?;
+            let mut inflight = self.inflight.lock().map_err(|_| poisoned())?;
             for &i in &wanted {
                 if i >= self.chunks.len() {
                     return Err(format!("blob {}: chunk {i} does not exist", self.digest));
                 }
-                if let Some(rx) = inflight.get(&i) {
+                if let Some(rx) = inflight.get(&(i, target)) {
                     waits.push((i, rx.clone()));
-                } else if let Some((_, why)) =
-                    failed.get(&i).filter(|(t, _)| t.elapsed() < self.timeout)
+                } else if let Some((_, why)) = failed
+                    .get(&i)
+                    .filter(|(t, _)| t.elapsed() < FAILURE_TTL.min(self.timeout))
                 {
                     let (_tx, rx) = watch::channel(Some(Err(format!(
                         "{why} (failed recently, not retried yet)"
@@ -273,16 +290,19 @@ impl BlobState {
             to_fetch.sort_unstable();
             to_fetch.dedup();
             // Sequential readahead: a miss right after a fetched chunk.
-            if self.readahead > 0 {
+            if extend_readahead && self.readahead > 0 {
                 if let (Some(&first), Some(&last)) = (want.iter().min(), want.iter().max()) {
                     let fetched = self.fetched.lock().map(|f| f.clone()).unwrap_or_default();
                     let sequential = first > 0
                         && (fetched.get(first - 1) == Some(&true)
-                            || inflight.contains_key(&(first - 1)));
+                            || inflight.contains_key(&(first - 1, target)));
                     if sequential {
                         let end = (last + 1 + self.readahead).min(self.chunks.len());
                         for (i, done) in fetched.iter().enumerate().take(end).skip(last + 1) {
-                            if !done && !inflight.contains_key(&i) && !to_fetch.contains(&i) {
+                            if !done
+                                && !inflight.contains_key(&(i, target))
+                                && !to_fetch.contains(&i)
+                            {
                                 to_fetch.push(i);
                             }
                         }
@@ -309,17 +329,20 @@ impl BlobState {
                 }
                 let run: Vec<usize> = to_fetch[start..end].to_vec();
                 let mut senders = Vec::new();
+                let mut requested = Vec::new();
                 for &i in &run {
                     let (tx, rx) = watch::channel(None);
-                    inflight.insert(i, rx.clone());
-                    if wanted.binary_search(&i).is_ok() {
+                    inflight.insert((i, target), rx.clone());
+                    let asked = wanted.binary_search(&i).is_ok();
+                    if asked {
                         waits.push((i, rx));
                     }
+                    requested.push(asked);
                     senders.push(tx);
                 }
                 let me = Arc::clone(self);
                 let obj = Arc::clone(object);
-                tokio::spawn(async move { me.fetch_run(run, senders, obj).await });
+                tokio::spawn(async move { me.fetch_run(run, requested, senders, obj).await });
                 start = end;
             }
         }
@@ -331,6 +354,7 @@ impl BlobState {
     async fn fetch_run(
         self: Arc<Self>,
         run: Vec<usize>,
+        requested: Vec<bool>,
         senders: Vec<watch::Sender<Outcome>>,
         object: Arc<dyn CacheObject>,
     ) {
@@ -342,6 +366,12 @@ impl BlobState {
             match tokio::time::timeout(self.timeout, self.backend.fetch(self.digest, start..end))
                 .await
             {
+                Ok(Ok(b)) if b.len() as u64 != end - start => Err(FetchError::Failed {
+                    blob: self.digest,
+                    start,
+                    end,
+                    why: format!("backend returned {} bytes", b.len()),
+                }),
                 Ok(r) => r,
                 Err(_) => Err(FetchError::Timeout {
                     blob: self.digest,
@@ -350,6 +380,7 @@ impl BlobState {
                     secs: self.timeout.as_secs(),
                 }),
             };
+        let target = object.target();
         // Decode every chunk of the run on the blocking pool, concurrently.
         let decodes: Vec<_> = run
             .iter()
@@ -373,29 +404,35 @@ impl BlobState {
                 })
             })
             .collect();
-        for ((&i, tx), task) in run.iter().zip(senders).zip(decodes) {
+        for (((&i, tx), task), asked) in run.iter().zip(senders).zip(decodes).zip(requested) {
             let rec = self.chunks[i];
-            let outcome = match (&fetched, task.await) {
-                (Err(e), _) => Err(e.to_string()),
-                (Ok(_), Err(e)) => {
-                    Err(format!("blob {} chunk {i}: decoder task: {e}", self.digest))
-                }
+            // `remote`: the backend or its bytes were at fault (worth
+            // remembering); otherwise the fault is local.
+            let (outcome, remote) = match (&fetched, task.await) {
+                (Err(e), _) => (Err(e.to_string()), true),
+                (Ok(_), Err(e)) => (
+                    Err(format!("blob {} chunk {i}: decoder task: {e}", self.digest)),
+                    false,
+                ),
                 (Ok(_), Ok(Err((corrupt, why)))) => {
                     if corrupt {
                         self.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(blob = %self.digest, chunk = i, "refusing corrupt chunk: {why}");
                     }
-                    Err(why)
+                    (Err(why), corrupt)
                 }
                 (Ok(_), Ok(Ok(buf))) => match object.write_at(rec.uncompressed_offset, buf).await {
                     Ok(()) => {
                         self.mark_fetched(i);
-                        Ok(())
+                        (Ok(()), false)
                     }
-                    Err(e) => Err(format!(
-                        "blob {} chunk {i}: writing the cache: {e}",
-                        self.digest
-                    )),
+                    Err(e) => (
+                        Err(format!(
+                            "blob {} chunk {i}: writing the cache: {e}",
+                            self.digest
+                        )),
+                        false,
+                    ),
                 },
             };
             if let Ok(mut failed) = self.failed.lock() {
@@ -403,13 +440,16 @@ impl BlobState {
                     Ok(()) => {
                         failed.remove(&i);
                     }
-                    Err(why) => {
+                    // Only requested chunks: a readahead failure must not
+                    // fail a later read that would have succeeded.
+                    Err(why) if remote && asked => {
                         failed.insert(i, (std::time::Instant::now(), why.clone()));
                     }
+                    Err(_) => {}
                 }
             }
             if let Ok(mut inflight) = self.inflight.lock() {
-                inflight.remove(&i);
+                inflight.remove(&(i, target));
             }
             let _ = tx.send(Some(outcome));
         }

@@ -117,6 +117,9 @@ impl CacheObject for SimObject {
             .insert(off, buf.as_slice().to_vec());
         Box::pin(async { Ok(()) })
     }
+    fn target(&self) -> u64 {
+        self as *const SimObject as u64
+    }
     fn complete_read(&self, msg_id: u32) -> std::io::Result<()> {
         let mut c = self.completed.lock().unwrap();
         assert!(!c.contains(&msg_id), "READ {msg_id} completed twice");

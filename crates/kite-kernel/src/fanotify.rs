@@ -310,9 +310,16 @@ impl PermEvent {
 
     /// A cache object writing into this event's file.
     pub fn object(&self, writer: &Arc<Writer>) -> Arc<dyn CacheObject> {
+        // Every event fd of one file writes the same file: its inode is the
+        // target.
+        let target = self
+            .file_id()
+            .map(|(dev, ino)| dev.rotate_left(32) ^ ino)
+            .unwrap_or(0);
         Arc::new(EventFile {
             fd: Arc::clone(&self.fd),
             writer: Arc::clone(writer),
+            target,
         })
     }
 }
@@ -332,6 +339,7 @@ impl Drop for PermEvent {
 struct EventFile {
     fd: Arc<OwnedFd>,
     writer: Arc<Writer>,
+    target: u64,
 }
 
 impl AsFd for EventFile {
@@ -351,6 +359,9 @@ impl CacheObject for EventFile {
     fn complete_read(&self, _msg_id: u32) -> io::Result<()> {
         // The fanotify answer is sent by the event itself.
         Ok(())
+    }
+    fn target(&self) -> u64 {
+        self.target
     }
 }
 

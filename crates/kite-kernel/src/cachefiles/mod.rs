@@ -64,6 +64,9 @@ pub trait CacheObject: Send + Sync {
     /// Tell the kernel READ `msg_id` on this object is done. Without data
     /// written for the range, the reader gets EIO.
     fn complete_read(&self, msg_id: u32) -> io::Result<()>;
+    /// Identity of the cache file this object writes to: a fetch started
+    /// for one object may only satisfy requests for the same target.
+    fn target(&self) -> u64;
 }
 
 /// `/dev/cachefiles` or a simulation of it.
@@ -204,7 +207,10 @@ impl CacheDevice for Device {
                 volume_key,
                 cookie_key,
                 object: Arc::new(AnonFd {
-                    fd: Arc::new(owned.ok_or(KernelError::Poisoned)?),
+                    fd: Arc::new(owned.ok_or_else(|| KernelError::Io {
+                        what: "OPEN message without an fd".into(),
+                        source: io::Error::from(io::ErrorKind::InvalidData),
+                    })?),
                     writer: Arc::clone(&self.writer),
                 }),
             })),
@@ -272,6 +278,11 @@ impl CacheObject for AnonFd {
             rx.await
                 .map_err(|_| io::Error::other("io_uring writer stopped"))?
         })
+    }
+
+    fn target(&self) -> u64 {
+        // One anonymous fd per OPEN: the fd object's address names it.
+        Arc::as_ptr(&self.fd) as u64
     }
 
     fn complete_read(&self, msg_id: u32) -> io::Result<()> {
