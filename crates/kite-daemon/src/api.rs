@@ -202,14 +202,12 @@ async fn handle(
                 Err(_) => (None, None),
             };
             if let (Some(img), Some(dir)) = (&img, &state_dir) {
-                if let Some(fan) = &ctx.fanotify {
-                    fan.sync_blobs(&img.blobs);
-                }
-                for b in &img.blobs {
-                    if let Err(e) = crate::state::save(dir, &b.digest, &b.fetched_map()) {
-                        tracing::warn!(blob = %b.digest, "saving fetch state: {e}");
-                    }
-                }
+                crate::persist(
+                    &ctx.daemon,
+                    ctx.fanotify.as_deref(),
+                    dir,
+                    Some(img.blobs.clone()),
+                );
             }
             let removed = ctx
                 .daemon
@@ -232,6 +230,12 @@ fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterResponse, Da
     let bytes = std::fs::read(&r.bootstrap).map_err(|e| DaemonError::Io {
         what: format!("reading bootstrap {}", r.bootstrap.display()),
         source: e,
+    })?;
+    // Validate (and hash) before taking the registry lock: a bad or huge
+    // bootstrap must not stall or poison the request loop's lookups.
+    kite_format::Bootstrap::parse(&bytes).map_err(|e| DaemonError::BadBootstrap {
+        source_name: r.bootstrap.display().to_string(),
+        why: e.to_string(),
     })?;
     let backend: Arc<dyn Backend> = match &r.backend {
         BackendSpec::Local { dir } => Arc::new(LocalDir::new(dir.clone())),

@@ -87,12 +87,25 @@ impl FanotifyPath {
     /// Make the files for a newly registered image ready to mount.
     pub fn prepare(&self, img: &Image) -> Result<MountFiles, DaemonError> {
         let boot = self.cache_dir.join("bootstraps").join(&img.fsid);
-        if !boot.is_file() {
-            let tmp = boot.with_extension("tmp");
-            std::fs::write(&tmp, img.bootstrap.as_slice())
-                .map_err(io_err(format!("writing {}", tmp.display())))?;
-            std::fs::rename(&tmp, &boot)
-                .map_err(io_err(format!("renaming to {}", boot.display())))?;
+        // Reuse a file only if it is exactly this bootstrap (a crash may
+        // have left something else under the name).
+        let intact = std::fs::read(&boot)
+            .map(|d| Digest::of(&d).hex() == img.fsid)
+            .unwrap_or(false);
+        if !intact {
+            let tmp = boot.with_extension(format!(
+                "tmp-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let write = || -> std::io::Result<()> {
+                use std::io::Write;
+                let mut f = File::create(&tmp)?;
+                f.write_all(img.bootstrap.as_slice())?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &boot)
+            };
+            write().map_err(io_err(format!("writing {}", boot.display())))?;
         }
         let mut devices = Vec::new();
         for b in &img.blobs {
@@ -167,8 +180,14 @@ impl FanotifyPath {
     /// Serve events until the group fails.
     pub async fn serve(self: Arc<Self>) -> Result<(), DaemonError> {
         loop {
-            let events = self.group.next_events().await?;
-            self.dispatch(events);
+            match self.group.next_events().await {
+                Ok(events) => self.dispatch(events),
+                Err(e) => {
+                    // One bad batch (or EMFILE) must not stop serving.
+                    tracing::error!("fanotify: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
         }
     }
 
@@ -224,7 +243,9 @@ impl FanotifyPath {
                 // Readahead may have fetched the last chunk with no event
                 // waiting on it: finish the blob here.
                 if bf.blob.is_complete() {
-                    self.complete(&bf);
+                    let me = Arc::clone(self);
+                    let bf = Arc::clone(&bf);
+                    tokio::task::spawn_blocking(move || me.complete(&bf));
                 }
                 continue;
             }
@@ -254,13 +275,13 @@ impl FanotifyPath {
                     Ok(()) => {
                         let _ = ev.answer(Ok(()));
                         if bf.blob.is_complete() {
-                            me.complete(&bf);
+                            let _ = tokio::task::spawn_blocking(move || me.complete(&bf)).await;
                         }
                     }
                     Err(e) => {
                         me.daemon.stats.reads_failed.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(blob = %bf.blob.digest, range = ?ev.raw.range, "denying read with EIO: {e}");
-                        let _ = ev.answer(Err(libc_eio()));
+                        let _ = ev.answer(Err(EIO));
                     }
                 }
             });
@@ -383,6 +404,4 @@ impl FanotifyPath {
     }
 }
 
-fn libc_eio() -> i32 {
-    5
-}
+const EIO: i32 = nix::errno::Errno::EIO as i32;

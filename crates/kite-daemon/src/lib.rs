@@ -6,6 +6,8 @@
 //!   fetched; fetch, verify, decompress, write into the cache.
 //! - [`backend`]: where stored bytes come from (local directory, HTTP).
 //! - [`serve`]: the kernel request loop with its always-complete READ guard.
+//! - [`fanotify`]: the fanotify path: sparse blob files, pre-content
+//!   events, unmarking complete blobs.
 //! - [`api`]: the control API on a unix socket, and its client.
 //! - [`state`]: fetch state persisted across restarts.
 //!
@@ -98,8 +100,9 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
         what: format!("creating cache dir {}", cfg.cache_dir.display()),
         source: e,
     })?;
+    raise_fd_limit();
     let features = Features::probe();
-    let (path, why) = features
+    let (mut path, mut why) = features
         .choose(cfg.kernel_path)
         .map_err(DaemonError::Config)?;
     let writer = Writer::start();
@@ -107,6 +110,19 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let mut registry = registry::Registry::new(Some(state_dir.clone()));
     registry.readahead = cfg.readahead;
     let daemon = serve::Daemon::new(registry, cfg.merge_bound);
+    let mut device = None;
+    if path == KernelPath::Cachefiles {
+        match Device::bind(&cfg.cache_dir, &cfg.tag, Arc::clone(&writer)) {
+            Ok(d) => device = Some(d),
+            // /dev/cachefiles without on-demand support fails `bind
+            // ondemand`: in auto mode, use fanotify if the kernel has it.
+            Err(e) if cfg.kernel_path.is_none() && features.fanotify_missing().is_empty() => {
+                why = format!("cachefiles bind failed ({e}; CONFIG_CACHEFILES_ONDEMAND missing?), fanotify available");
+                path = KernelPath::Fanotify;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     tracing::info!(
         path = path.name(),
         why = %why,
@@ -118,13 +134,12 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let (serve, fan): (
         tokio::task::JoinHandle<Result<(), DaemonError>>,
         Option<Arc<fanotify::FanotifyPath>>,
-    ) = match path {
-        KernelPath::Cachefiles => {
-            let dev: Arc<dyn CacheDevice> =
-                Arc::new(Device::bind(&cfg.cache_dir, &cfg.tag, Arc::clone(&writer))?);
+    ) = match device {
+        Some(dev) => {
+            let dev: Arc<dyn CacheDevice> = Arc::new(dev);
             (tokio::spawn(serve::serve(Arc::clone(&daemon), dev)), None)
         }
-        KernelPath::Fanotify => {
+        None => {
             let fan = fanotify::FanotifyPath::new(
                 Arc::clone(&daemon),
                 Arc::clone(&writer),
@@ -154,10 +169,10 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
             let mut tick = tokio::time::interval(Duration::from_secs(2));
             loop {
                 tick.tick().await;
-                if let Some(f) = &fan {
-                    f.sync_all();
-                }
-                flush_state(&d, &dir);
+                let (d, dir, fan) = (Arc::clone(&d), dir.clone(), fan.clone());
+                let _ =
+                    tokio::task::spawn_blocking(move || persist(&d, fan.as_deref(), &dir, None))
+                        .await;
             }
         }
     });
@@ -166,18 +181,19 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
             what: "installing SIGTERM handler".into(),
             source: e,
         })?;
+    // Whatever ends the daemon (signal, a failed or panicked task), the
+    // clean-up below always runs.
     let result = tokio::select! {
-        r = serve => r.map_err(|e| DaemonError::Config(format!("request loop: {e}")))?,
-        r = api => r.map_err(|e| DaemonError::Config(format!("control API: {e}")))?,
+        r = serve => r.unwrap_or_else(|e| Err(DaemonError::Config(format!("request loop task ended: {e}")))),
+        r = api => r.unwrap_or_else(|e| Err(DaemonError::Config(format!("control API task ended: {e}")))),
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = term.recv() => Ok(()),
     };
     flusher.abort();
     if let Some(f) = &fan {
         f.detach_incomplete_mounts();
-        f.sync_all();
     }
-    flush_state(&daemon, &state_dir);
+    persist(&daemon, fan.as_deref(), &state_dir, None);
     let _ = std::fs::remove_file(&cfg.socket);
     tracing::info!(
         reads = daemon.stats.reads.load(Ordering::Relaxed),
@@ -186,14 +202,43 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     result
 }
 
-fn flush_state(daemon: &serve::Daemon, dir: &std::path::Path) {
-    let blobs = match daemon.registry.lock() {
-        Ok(r) => r.blobs(),
-        Err(_) => return,
-    };
-    for b in blobs {
-        if let Err(e) = state::save(dir, &b.digest, &b.fetched_map()) {
-            tracing::warn!(blob = %b.digest, "saving fetch state: {e}");
+/// Save the fetch state of `blobs` (default: every registered blob). The
+/// bitmap is snapshotted *before* the blob files are synced, so what is
+/// saved never claims a chunk that is not on disk.
+pub(crate) fn persist(
+    daemon: &serve::Daemon,
+    fan: Option<&fanotify::FanotifyPath>,
+    dir: &std::path::Path,
+    blobs: Option<Vec<Arc<blob::BlobState>>>,
+) {
+    let blobs = blobs.unwrap_or_else(|| {
+        daemon
+            .registry
+            .lock()
+            .map(|r| r.blobs())
+            .unwrap_or_default()
+    });
+    let snapshots: Vec<(kite_format::Digest, Vec<bool>)> =
+        blobs.iter().map(|b| (b.digest, b.fetched_map())).collect();
+    if let Some(f) = fan {
+        f.sync_blobs(&blobs);
+    }
+    for (digest, map) in snapshots {
+        if let Err(e) = state::save(dir, &digest, &map) {
+            tracing::warn!(blob = %digest, "saving fetch state: {e}");
+        }
+    }
+}
+
+/// Open cache objects and event fds count against RLIMIT_NOFILE: raise the
+/// soft limit to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("raising RLIMIT_NOFILE: {e}");
+            }
         }
     }
 }

@@ -95,15 +95,45 @@ impl Drop for Completion {
 /// Serve `dev` until it fails.
 pub async fn serve(daemon: Arc<Daemon>, dev: Arc<dyn CacheDevice>) -> Result<(), DaemonError> {
     loop {
-        drain(&daemon, dev.as_ref())?;
-        dev.wait().await?;
+        drain(&daemon, dev.as_ref());
+        // Re-drain at least every second: a safety net against a missed
+        // readiness edge (and older kernels' poll quirks).
+        if let Ok(Err(e)) =
+            tokio::time::timeout(std::time::Duration::from_secs(1), dev.wait()).await
+        {
+            tracing::error!("waiting for kernel requests: {e}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
 }
 
+/// Lock a daemon mutex, recovering it if a panicking holder poisoned it:
+/// the request loop must keep serving.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Handle every pending request.
-pub fn drain(daemon: &Arc<Daemon>, dev: &dyn CacheDevice) -> Result<(), DaemonError> {
+/// Handle every pending request. A failure of one request is logged and
+/// never stops the loop: other mounts keep being served.
+pub fn drain(daemon: &Arc<Daemon>, dev: &dyn CacheDevice) {
     let mut reads = Vec::new();
-    while let Some(req) = dev.next_request()? {
+    let mut errors = 0;
+    loop {
+        let req = match dev.next_request() {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(e) => {
+                // E.g. EMFILE while the kernel installs an OPEN's fd: the
+                // kernel fails that request; read on.
+                tracing::error!("reading a kernel request: {e}");
+                errors += 1;
+                if errors > 64 {
+                    break;
+                }
+                continue;
+            }
+        };
         match req {
             Request::Open {
                 msg_id,
@@ -111,21 +141,23 @@ pub fn drain(daemon: &Arc<Daemon>, dev: &dyn CacheDevice) -> Result<(), DaemonEr
                 volume_key,
                 cookie_key,
                 object,
-            } => handle_open(
-                daemon,
-                dev,
-                msg_id,
-                object_id,
-                &volume_key,
-                &cookie_key,
-                object,
-            )?,
+            } => {
+                if let Err(e) = handle_open(
+                    daemon,
+                    dev,
+                    msg_id,
+                    object_id,
+                    &volume_key,
+                    &cookie_key,
+                    object,
+                ) {
+                    tracing::error!(msg_id, object_id, "OPEN: {e}");
+                }
+            }
             Request::Close { object_id, .. } => {
                 daemon.stats.closes.fetch_add(1, Ordering::Relaxed);
                 // Dropping the entry closes the anonymous fd.
-                if let Ok(mut o) = daemon.objects.lock() {
-                    o.remove(&object_id);
-                }
+                lock(&daemon.objects).remove(&object_id);
             }
             Request::Read {
                 msg_id,
@@ -142,13 +174,15 @@ pub fn drain(daemon: &Arc<Daemon>, dev: &dyn CacheDevice) -> Result<(), DaemonEr
                 daemon.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(msg_id, opcode, object_id, "malformed request: {error}");
                 match opcode {
-                    0 => dev.copen(msg_id, -(libc_einval()))?,
+                    0 => {
+                        if let Err(e) = dev.copen(msg_id, -EINVAL) {
+                            tracing::error!(msg_id, "refusing a malformed OPEN: {e}");
+                        }
+                    }
                     2 => {
-                        let obj = daemon
-                            .objects
-                            .lock()
-                            .ok()
-                            .and_then(|o| o.get(&object_id).map(|e| Arc::clone(&e.object)));
+                        let obj = lock(&daemon.objects)
+                            .get(&object_id)
+                            .map(|e| Arc::clone(&e.object));
                         if let Some(object) = obj {
                             drop(Completion {
                                 object,
@@ -165,13 +199,10 @@ pub fn drain(daemon: &Arc<Daemon>, dev: &dyn CacheDevice) -> Result<(), DaemonEr
     if !reads.is_empty() {
         dispatch_reads(daemon, reads);
     }
-    Ok(())
 }
 
-fn libc_einval() -> i64 {
-    22
-}
-const ENOENT: i64 = 2;
+const EINVAL: i64 = nix::errno::Errno::EINVAL as i64;
+const ENOENT: i64 = nix::errno::Errno::ENOENT as i64;
 
 fn handle_open(
     daemon: &Arc<Daemon>,
@@ -185,7 +216,7 @@ fn handle_open(
     daemon.stats.opens.fetch_add(1, Ordering::Relaxed);
     let cookie = String::from_utf8_lossy(cookie_key).into_owned();
     let target = {
-        let reg = daemon.registry.lock().map_err(|_| DaemonError::Poisoned)?;
+        let reg = lock(&daemon.registry);
         if let Some(img) = reg.image(&cookie) {
             Some(Target::Bootstrap(img))
         } else {
@@ -210,20 +241,18 @@ fn handle_open(
         Target::Blob(b) => b.uncompressed_size,
     };
     tracing::debug!(msg_id, object_id, cookie = %cookie, size, "OPEN");
-    daemon
-        .objects
-        .lock()
-        .map_err(|_| DaemonError::Poisoned)?
-        .insert(object_id, OpenObject { target, object });
-    dev.copen(msg_id, size as i64)?;
+    lock(&daemon.objects).insert(object_id, OpenObject { target, object });
+    if let Err(e) = dev.copen(msg_id, size as i64) {
+        // The kernel gave up on this OPEN (e.g. the mount was killed):
+        // forget the object so its fd is closed.
+        lock(&daemon.objects).remove(&object_id);
+        return Err(e.into());
+    }
     Ok(())
 }
 
 fn dispatch_reads(daemon: &Arc<Daemon>, reads: Vec<(u32, u32, u64, u64)>) {
-    let objects = match daemon.objects.lock() {
-        Ok(o) => o,
-        Err(_) => return,
-    };
+    let objects = lock(&daemon.objects);
     // Plan blob READs of this batch together, so adjacent chunks merge.
     let mut plans: HashMap<Digest, (Arc<BlobState>, Arc<dyn CacheObject>, Vec<usize>)> =
         HashMap::new();

@@ -23,6 +23,8 @@ use tokio::sync::Notify;
 struct SimKernel {
     queue: Mutex<VecDeque<Request>>,
     copens: Mutex<Vec<(u32, i64)>>,
+    /// A `copen` for this msg_id fails, as when the mount was killed.
+    fail_copen: Mutex<Option<u32>>,
     wake: Notify,
 }
 
@@ -46,6 +48,12 @@ impl CacheDevice for SimKernel {
         Ok(self.queue.lock().unwrap().pop_front())
     }
     fn copen(&self, msg_id: u32, size: i64) -> Result<(), KernelError> {
+        if *self.fail_copen.lock().unwrap() == Some(msg_id) {
+            return Err(KernelError::Io {
+                what: "copen".into(),
+                source: std::io::Error::from_raw_os_error(22),
+            });
+        }
         self.copens.lock().unwrap().push((msg_id, size));
         Ok(())
     }
@@ -503,6 +511,27 @@ async fn malformed_messages_are_still_answered() {
     settle().await;
     assert_eq!(kernel.copen_of(5), Some(-22));
     blob.wait_completed(6).await;
+}
+
+#[tokio::test]
+async fn a_failed_copen_neither_stops_the_loop_nor_keeps_the_object() {
+    let f = fixture();
+    let (daemon, kernel, _) = setup(&f, backend(&f.conv));
+    *kernel.fail_copen.lock().unwrap() = Some(1);
+    let dead = open(&kernel, 1, 1, &f.blob.hex());
+    let dropped = dead.dropped.clone();
+    drop(dead);
+    let blob = open(&kernel, 2, 2, &f.blob.hex());
+    settle().await;
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the failed OPEN's object must be released"
+    );
+    assert_eq!(kernel.copen_of(2), Some(f.raw.len() as i64));
+    assert_eq!(daemon.open_objects(), 1);
+    read(&kernel, 3, 2, 0, 4096);
+    blob.wait_completed(3).await;
+    assert!(blob.read(0, 4096).is_some(), "the loop kept serving");
 }
 
 #[test]

@@ -116,6 +116,24 @@ pub fn parse_events(mut buf: &[u8]) -> Result<Vec<RawEvent>, EventError> {
     Ok(out)
 }
 
+/// The fds of whatever event records can still be walked in a buffer that
+/// failed to parse.
+pub fn salvage_fds(mut buf: &[u8]) -> Vec<i32> {
+    let mut fds = Vec::new();
+    while buf.len() >= METADATA_LEN {
+        let event_len = u32::from_ne_bytes(buf[0..4].try_into().expect("4")) as usize;
+        let fd = i32::from_ne_bytes(buf[16..20].try_into().expect("4"));
+        if fd >= 0 {
+            fds.push(fd);
+        }
+        if event_len < METADATA_LEN || event_len > buf.len() {
+            break;
+        }
+        buf = &buf[event_len..];
+    }
+    fds
+}
+
 /// `struct fanotify_response { s32 fd; u32 response; }`.
 pub fn encode_response(fd: i32, response: u32) -> [u8; 8] {
     let mut b = [0u8; 8];
@@ -249,9 +267,16 @@ impl Group {
             let events = match parse_events(raw) {
                 Ok(ev) => ev,
                 Err(e) => {
-                    // Own (and deny) every fd we can still find, then report.
+                    // Deny every fd we can still find, so no reader waits
+                    // on an event nobody will answer, then report.
+                    for fd in salvage_fds(raw) {
+                        // SAFETY: the kernel installed this fd for an event
+                        // in this buffer; it is wrapped exactly once, here.
+                        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                        let _ = self.respond(owned.as_raw_fd(), deny_errno(libc::EIO));
+                    }
                     return Err(KernelError::Io {
-                        what: format!("decoding fanotify events: {e}"),
+                        what: format!("decoding fanotify events (their reads were denied): {e}"),
                         source: io::Error::from(io::ErrorKind::InvalidData),
                     });
                 }

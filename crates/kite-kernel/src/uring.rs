@@ -125,6 +125,17 @@ fn pwrite_all(fd: &OwnedFd, mut off: u64, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Operations in flight at most: well under the completion queue's size,
+/// so completions can never overflow it.
+const MAX_INFLIGHT: usize = 128;
+
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+    )
+}
+
 fn uring_loop(mut ring: io_uring::IoUring, rx: mpsc::Receiver<Op>) {
     let mut inflight: HashMap<u64, Op> = HashMap::new();
     let mut next_id = 0u64;
@@ -141,7 +152,7 @@ fn uring_loop(mut ring: io_uring::IoUring, rx: mpsc::Receiver<Op>) {
                 Err(_) => return,
             }
         }
-        loop {
+        while inflight.len() + new.len() < MAX_INFLIGHT {
             match rx.try_recv() {
                 Ok(op) => new.push(op),
                 Err(mpsc::TryRecvError::Empty) => break,
@@ -180,6 +191,9 @@ fn uring_loop(mut ring: io_uring::IoUring, rx: mpsc::Receiver<Op>) {
                 }
                 // Queue full: hand what we have to the kernel and retry.
                 if let Err(e) = ring.submit() {
+                    if transient(&e) {
+                        continue;
+                    }
                     fail_all(&mut inflight, &e);
                     return;
                 }
@@ -189,11 +203,11 @@ fn uring_loop(mut ring: io_uring::IoUring, rx: mpsc::Receiver<Op>) {
             continue;
         }
         if let Err(e) = ring.submit_and_wait(1) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+            // EBUSY: completions must be reaped first, which happens below.
+            if !transient(&e) {
+                fail_all(&mut inflight, &e);
+                return;
             }
-            fail_all(&mut inflight, &e);
-            return;
         }
         for cqe in ring.completion() {
             let Some(op) = inflight.remove(&cqe.user_data()) else {
