@@ -6,9 +6,12 @@
 //! the domain). [`BlobState::ensure`] makes a set of chunks present in a
 //! cache object: chunks already being fetched are awaited, not fetched
 //! again; missing adjacent chunks are fetched together as one range of at
-//! most `merge_bound` stored bytes. Each chunk is decompressed and checked
-//! against its sha256 before it is written; a chunk that fails is never
-//! written, and only the READs that need it fail.
+//! most `merge_bound` stored bytes, with sequential readahead. Each chunk is
+//! decompressed and checked against its sha256 before it is written; a
+//! chunk that fails is never written, and only the requests that need it
+//! fail. A requested chunk that failed remotely is answered as failed for
+//! [`FAILURE_TTL`] without refetching (the kernel retries at once), and
+//! fetches in flight are shared only by requests for the same cache file.
 //!
 //! Cancellation: a fetch runs in its own task, so a READ task that goes
 //! away does not abort a fetch others wait for.

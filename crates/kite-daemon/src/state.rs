@@ -1,11 +1,14 @@
 //! Persisted fetch state: which chunks of each blob this node has fetched.
 //!
 //! One small file per blob, `<state dir>/<hex>.fetched`, one byte per chunk
-//! (1 = fetched), written to a temporary name and renamed. For the
-//! cachefiles path the kernel's cache file is the authority on what is
-//! present (a READ is only sent for missing ranges), so this file feeds
-//! status and metrics across restarts; it never causes a READ to be
-//! answered without fetching.
+//! (1 = fetched), written to a temporary name and renamed.
+//!
+//! On the cachefiles path the kernel's cache file is the authority on what
+//! is present (a READ is only sent for missing ranges): this file only
+//! feeds status across restarts. On the fanotify path it is authoritative:
+//! a chunk marked here is treated as on disk and never fetched again, so it
+//! is only ever saved from a snapshot taken before the blob file was
+//! synced (`persist` in lib.rs).
 
 use std::path::Path;
 

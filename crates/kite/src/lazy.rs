@@ -80,12 +80,19 @@ pub async fn mount(
         .register(&RegisterRequest { bootstrap, backend })
         .await
         .context("registering the image with the daemon")?;
-    match &reg.bootstrap_path {
+    let mounted = match &reg.bootstrap_path {
         Some(boot) => {
             let devs: Vec<&Path> = reg.devices.iter().map(PathBuf::as_path).collect();
-            kite_kernel::mount::mount_file_backed(boot, &devs, mountpoint)?;
+            kite_kernel::mount::mount_file_backed(boot, &devs, mountpoint)
         }
-        None => kite_kernel::mount::mount_fscache(&reg.fsid, Some(&reg.domain_id), mountpoint)?,
+        None => kite_kernel::mount::mount_fscache(&reg.fsid, Some(&reg.domain_id), mountpoint),
+    };
+    if let Err(e) = mounted {
+        // Do not leave an image registered that nothing mounts.
+        if !fsid_in_use(&reg.fsid) {
+            let _ = client.unregister(&reg.fsid).await;
+        }
+        return Err(e.into());
     }
     println!(
         "mounted {} (fsid {}, {} path) on {}",
@@ -97,13 +104,33 @@ pub async fn mount(
     Ok(())
 }
 
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The fsid of the kite mount at `mountpoint`, from /proc/self/mountinfo.
 fn mounted_fsid(mountpoint: &Path) -> Option<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = mountpoint.canonicalize().ok()?;
     for line in info.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.get(4).map(Path::new) != Some(want.as_path()) {
+        if fields.get(4).map(|f| PathBuf::from(unescape_mountinfo(f))) != Some(want.clone()) {
             continue;
         }
         let sep = fields.iter().position(|f| *f == "-")?;
@@ -217,4 +244,18 @@ pub async fn status(socket: &Path, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(
+            super::unescape_mountinfo("/mnt/with\\040space"),
+            "/mnt/with space"
+        );
+        assert_eq!(super::unescape_mountinfo("/a\\134b"), "/a\\b");
+        assert_eq!(super::unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(super::unescape_mountinfo("/trailing\\04"), "/trailing\\04");
+    }
 }
