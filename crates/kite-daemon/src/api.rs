@@ -215,6 +215,18 @@ async fn handle(
                 .lock()
                 .map(|mut r| r.unregister(fsid))
                 .unwrap_or(false);
+            if let (Some(img), Some(fan)) = (&img, &ctx.fanotify) {
+                let unused: Vec<_> = match ctx.daemon.registry.lock() {
+                    Ok(r) => img
+                        .blobs
+                        .iter()
+                        .filter(|b| r.blob(&b.digest).is_none())
+                        .map(|b| b.digest)
+                        .collect(),
+                    Err(_) => Vec::new(),
+                };
+                fan.forget(&unused);
+            }
             if removed {
                 json(StatusCode::OK, &serde_json::json!({ "removed": fsid }))
             } else {

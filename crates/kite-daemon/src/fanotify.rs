@@ -311,6 +311,28 @@ impl FanotifyPath {
         }
     }
 
+    /// Release the files of blobs no registered image uses any more: close
+    /// them and remove their marks. Their data and saved state stay in the
+    /// cache for the next registration.
+    pub fn forget(&self, digests: &[Digest]) {
+        let Ok(mut by_digest) = self.by_digest.lock() else {
+            return;
+        };
+        for d in digests {
+            let Some(bf) = by_digest.remove(d) else {
+                continue;
+            };
+            if let Ok(mut by_id) = self.by_id.lock() {
+                by_id.retain(|_, f| !Arc::ptr_eq(f, &bf));
+            }
+            if bf.marked.swap(false, Ordering::SeqCst) {
+                if let Err(e) = self.group.unmark(&bf.path) {
+                    tracing::warn!(blob = %d, "removing mark: {e}");
+                }
+            }
+        }
+    }
+
     /// Sync the files of `blobs` (before their fetch state is saved).
     pub fn sync_blobs(&self, blobs: &[Arc<BlobState>]) {
         let files: Vec<Arc<BlobFile>> = self
