@@ -31,6 +31,29 @@ use crate::backend::{Backend, FetchError};
 /// Per-chunk outcome published to waiters: `None` while in flight.
 type Outcome = Option<Result<(), String>>;
 
+/// Answers the chunks of a fetch run that were not answered when the task
+/// ends: if a fetch task panics, its waiters get an error and its in-flight
+/// entries are cleared instead of lingering until the blob is forgotten.
+struct RunGuard {
+    blob: Arc<BlobState>,
+    target: u64,
+    pending: Vec<(usize, watch::Sender<Outcome>)>,
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        for (i, tx) in self.pending.drain(..) {
+            if let Ok(mut inflight) = self.blob.inflight.lock() {
+                inflight.remove(&(i, self.target));
+            }
+            let _ = tx.send(Some(Err(format!(
+                "blob {} chunk {i}: fetch task ended without an outcome",
+                self.blob.digest
+            ))));
+        }
+    }
+}
+
 /// How long a failed chunk is answered from the negative cache.
 pub const FAILURE_TTL: Duration = Duration::from_secs(2);
 
@@ -407,7 +430,12 @@ impl BlobState {
                 })
             })
             .collect();
-        for (((&i, tx), task), asked) in run.iter().zip(senders).zip(decodes).zip(requested) {
+        let mut guard = RunGuard {
+            blob: Arc::clone(&self),
+            target,
+            pending: run.iter().copied().zip(senders).rev().collect(),
+        };
+        for ((&i, task), asked) in run.iter().zip(decodes).zip(requested) {
             let rec = self.chunks[i];
             // `remote`: the backend or its bytes were at fault (worth
             // remembering); otherwise the fault is local.
@@ -454,7 +482,10 @@ impl BlobState {
             if let Ok(mut inflight) = self.inflight.lock() {
                 inflight.remove(&(i, target));
             }
-            let _ = tx.send(Some(outcome));
+            if let Some((j, tx)) = guard.pending.pop() {
+                debug_assert_eq!(j, i, "answers follow the run's order");
+                let _ = tx.send(Some(outcome));
+            }
         }
     }
 

@@ -144,6 +144,8 @@ struct TestBackend {
     delay: Duration,
     corrupt: bool,
     fail: bool,
+    /// Panic inside the fetch (a backend bug).
+    panic: bool,
 }
 
 impl Backend for TestBackend {
@@ -151,6 +153,9 @@ impl Backend for TestBackend {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
             tokio::time::sleep(self.delay).await;
+            if self.panic {
+                panic!("backend bug");
+            }
             if self.fail {
                 return Err(FetchError::Failed {
                     blob,
@@ -264,6 +269,7 @@ fn backend(conv: &Path) -> TestBackend {
         delay: Duration::ZERO,
         corrupt: false,
         fail: false,
+        panic: false,
     }
 }
 
@@ -532,6 +538,24 @@ async fn a_failed_copen_neither_stops_the_loop_nor_keeps_the_object() {
     read(&kernel, 3, 2, 0, 4096);
     blob.wait_completed(3).await;
     assert!(blob.read(0, 4096).is_some(), "the loop kept serving");
+}
+
+#[tokio::test]
+async fn a_panicking_fetch_still_completes_the_read_and_can_be_retried() {
+    let f = fixture();
+    let mut b = backend(&f.conv);
+    b.panic = true;
+    let (daemon, kernel, _) = setup(&f, b);
+    let blob = open(&kernel, 1, 1, &f.blob.hex());
+    settle().await;
+    read(&kernel, 2, 1, 0, 4096);
+    blob.wait_completed(2).await;
+    assert!(blob.writes.lock().unwrap().is_empty());
+    assert_eq!(daemon.stats.reads_failed.load(Ordering::SeqCst), 1);
+    // Not stuck "in flight": a new READ starts a new fetch (and fails again).
+    read(&kernel, 3, 1, 0, 4096);
+    blob.wait_completed(3).await;
+    assert_eq!(daemon.stats.reads_failed.load(Ordering::SeqCst), 2);
 }
 
 #[test]
