@@ -14,39 +14,13 @@ use util::*;
 
 fn compare_mounted(test: &str, image_ref: &str, convert_args: &[&str], dir: &Path) -> String {
     let conv = dir.join("conv");
-    let mut args = vec![
-        "convert",
-        "--quiet",
-        "--from",
-        image_ref,
-        "--to",
-        conv.to_str().unwrap(),
-    ];
-    args.extend_from_slice(convert_args);
-    kite_ok(&args);
+    convert(image_ref, &conv, convert_args);
     let devices = unpack_all(&conv, dir);
     let mnt = dir.join("mnt");
     let m = Mount::erofs(&conv.join("bootstrap"), &devices, &mnt)
         .unwrap_or_else(|e| panic!("{test}: {e}"));
-    let got = dir.join("mounted.json");
-    py(
-        "treemanifest.py",
-        &[m.dir.to_str().unwrap(), "-o", got.to_str().unwrap()],
-    );
+    assert_tree_matches_reference(test, &m.dir, image_ref, dir);
     drop(m);
-    let want = dir.join("reference.json");
-    py("refapply.py", &[image_ref, "-o", want.to_str().unwrap()]);
-    let diff = std::process::Command::new("python3")
-        .arg(tool("manifestdiff.py"))
-        .args([want.to_str().unwrap(), got.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        diff.status.success(),
-        "{test}: mounted tree differs from the reference:\n{}{}",
-        String::from_utf8_lossy(&diff.stdout),
-        String::from_utf8_lossy(&diff.stderr)
-    );
     kite_ok(&[
         "inspect",
         conv.join("bootstrap").to_str().unwrap(),

@@ -16,19 +16,6 @@ use std::time::{Duration, Instant};
 use util::daemon::{fanotify_path, hanging_server, Daemon, RangeServer};
 use util::*;
 
-fn convert(from: &str, out: &Path, extra: &[&str]) {
-    let mut args = vec![
-        "convert",
-        "--quiet",
-        "--from",
-        from,
-        "--to",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    kite_ok(&args);
-}
-
 fn example(dir: &Path) -> PathBuf {
     let img = dir.join("img");
     py("ocigen.py", &["example", img.to_str().unwrap()]);
@@ -86,23 +73,7 @@ fn a_lazy_full_tree_matches_reference() {
     convert(image_ref, &conv, &[]);
     let d = Daemon::start(dir.path(), &[]);
     let m = d.mount(&conv, &dir.path().join("mnt"), &[]);
-    let got = dir.path().join("mounted.json");
-    py(
-        "treemanifest.py",
-        &[m.mnt.to_str().unwrap(), "-o", got.to_str().unwrap()],
-    );
-    let want = dir.path().join("reference.json");
-    py("refapply.py", &[image_ref, "-o", want.to_str().unwrap()]);
-    let diff = std::process::Command::new("python3")
-        .arg(tool("manifestdiff.py"))
-        .args([want.to_str().unwrap(), got.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        diff.status.success(),
-        "lazily mounted tree differs from the reference:\n{}",
-        String::from_utf8_lossy(&diff.stdout)
-    );
+    assert_tree_matches_reference("lazy mount", &m.mnt, image_ref, dir.path());
     assert_eq!(d.status()["health"]["reads_failed"], 0, "{}", d.log_text());
     m.umount();
 }

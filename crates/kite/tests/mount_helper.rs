@@ -19,14 +19,7 @@ fn mount_kite_called_like_mount_8_mounts_lazily() {
     std::fs::create_dir(&src).unwrap();
     std::fs::write(src.join("hello"), b"from mount.kite\n").unwrap();
     let conv = dir.path().join("conv");
-    kite_ok(&[
-        "convert",
-        "--quiet",
-        "--from",
-        &format!("dir:{}", src.display()),
-        "--to",
-        conv.to_str().unwrap(),
-    ]);
+    convert(&format!("dir:{}", src.display()), &conv, &[]);
     let d = Daemon::start(dir.path(), &[]);
     // mount -t kite SOURCE DIR runs /sbin/mount.kite SOURCE DIR -o OPTIONS.
     let helper = dir.path().join("mount.kite");

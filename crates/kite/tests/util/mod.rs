@@ -175,3 +175,41 @@ pub fn json_line(s: &str) -> serde_json::Value {
         .expect("a JSON line");
     serde_json::from_str(line).expect("valid JSON")
 }
+
+/// `kite convert --quiet --from FROM --to OUT EXTRA...`, requiring success.
+pub fn convert(from: &str, out: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "convert",
+        "--quiet",
+        "--from",
+        from,
+        "--to",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    kite_ok(&args);
+}
+
+/// Compare the tree mounted at `mnt` with tests/tools/refapply.py's
+/// independent application of `image_ref`, field by field (manifests are
+/// written under `dir`).
+pub fn assert_tree_matches_reference(what: &str, mnt: &Path, image_ref: &str, dir: &Path) {
+    let got = dir.join("mounted.json");
+    py(
+        "treemanifest.py",
+        &[mnt.to_str().unwrap(), "-o", got.to_str().unwrap()],
+    );
+    let want = dir.join("reference.json");
+    py("refapply.py", &[image_ref, "-o", want.to_str().unwrap()]);
+    let diff = Command::new("python3")
+        .arg(tool("manifestdiff.py"))
+        .args([want.to_str().unwrap(), got.to_str().unwrap()])
+        .output()
+        .expect("run manifestdiff.py");
+    assert!(
+        diff.status.success(),
+        "{what}: mounted tree differs from the reference:\n{}{}",
+        String::from_utf8_lossy(&diff.stdout),
+        String::from_utf8_lossy(&diff.stderr)
+    );
+}
