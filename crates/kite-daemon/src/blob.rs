@@ -318,7 +318,8 @@ impl BlobState {
             // Sequential readahead: a miss right after a fetched chunk.
             if extend_readahead && self.readahead > 0 {
                 if let (Some(&first), Some(&last)) = (want.iter().min(), want.iter().max()) {
-                    let fetched = self.fetched.lock().map(|f| f.clone()).unwrap_or_default();
+                    // Lock order: failed, inflight, fetched (no copy of the map).
+                    let fetched = self.fetched.lock().map_err(|_| poisoned())?;
                     let sequential = first > 0
                         && (fetched.get(first - 1) == Some(&true)
                             || inflight.contains_key(&(first - 1, target)));
