@@ -6,7 +6,6 @@
 //! image can be traced to the exact culprit.
 
 use std::io::{self, Read};
-use std::path::Path;
 
 use kite_erofs::{FileData, Metadata, NodeKind};
 use kite_oci::Compression;
@@ -189,7 +188,8 @@ impl<R: Read> Read for DigestReader<'_, R> {
 
 /// A layer to read from a file.
 pub(crate) struct LayerFile<'a> {
-    pub path: &'a Path,
+    /// The stored (compressed) layer bytes.
+    pub input: Box<dyn Read + 'a>,
     /// `sha256:...` the bytes must hash to.
     pub digest: &'a str,
     pub size: u64,
@@ -198,14 +198,13 @@ pub(crate) struct LayerFile<'a> {
 
 /// Stream one tar layer into the applier. Returns uncompressed tar bytes.
 pub(crate) fn apply_tar_layer(
-    layer: &LayerFile<'_>,
+    layer: LayerFile<'_>,
     app: &mut Applier<'_>,
     progress: &dyn Progress,
 ) -> Result<u64, ConvertError> {
     let label = layer.digest.to_string();
-    let file = std::fs::File::open(layer.path).map_err(|e| ConvertError::io(layer.path, e))?;
     let mut raw = DigestReader {
-        inner: io::BufReader::with_capacity(1 << 20, file),
+        inner: io::BufReader::with_capacity(1 << 20, layer.input),
         hasher: Sha256::new(),
         count: 0,
         progress,

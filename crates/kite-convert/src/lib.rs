@@ -90,7 +90,44 @@ pub enum Source {
     Oci { path: PathBuf, tag: Option<String> },
     /// A plain directory as a one-layer image.
     Dir(PathBuf),
+    /// An image resolved elsewhere (a registry): its manifest, and a way to
+    /// stream each layer. The converter reads each layer once, in order.
+    Remote(Box<RemoteImage>),
 }
+
+/// Opens the stored bytes of a layer of a [`RemoteImage`] as a stream.
+/// The converter checks the bytes against the descriptor's digest and size.
+pub trait LayerOpener: Send + Sync {
+    fn open(&self, layer: &kite_oci::Descriptor) -> std::io::Result<Box<dyn std::io::Read + Send>>;
+}
+
+/// A manifest already resolved (and verified) by the caller.
+#[derive(Clone)]
+pub struct RemoteImage {
+    /// The reference as the user gave it (recorded in the output).
+    pub reference: String,
+    /// `sha256:...` of the manifest.
+    pub manifest_digest: String,
+    pub manifest: kite_oci::Manifest,
+    pub opener: std::sync::Arc<dyn LayerOpener>,
+}
+
+impl std::fmt::Debug for RemoteImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "RemoteImage({}@{})",
+            self.reference, self.manifest_digest
+        )
+    }
+}
+
+impl PartialEq for RemoteImage {
+    fn eq(&self, other: &Self) -> bool {
+        self.manifest_digest == other.manifest_digest && self.reference == other.reference
+    }
+}
+impl Eq for RemoteImage {}
 
 impl Source {
     /// Parse `oci:PATH[:TAG]` or `dir:PATH`.
@@ -226,9 +263,13 @@ fn run(
     let mut source_ref = None;
 
     // Each layer: (label, how to read it).
+    enum Input {
+        File(PathBuf),
+        Remote(std::sync::Arc<dyn LayerOpener>, Box<kite_oci::Descriptor>),
+    }
     enum L {
         Tar {
-            path: PathBuf,
+            input: Input,
             digest: String,
             size: u64,
             compression: kite_oci::Compression,
@@ -250,7 +291,7 @@ fn run(
                     }
                 })?;
                 v.push(L::Tar {
-                    path: layout.blob_path(&d.digest)?,
+                    input: Input::File(layout.blob_path(&d.digest)?),
                     digest: d.digest.clone(),
                     size: d.size,
                     compression,
@@ -259,6 +300,26 @@ fn run(
             v
         }
         Source::Dir(p) => vec![L::Dir(p.clone())],
+        Source::Remote(r) => {
+            source_manifest = Some(r.manifest_digest.clone());
+            source_ref = Some(r.reference.clone());
+            let mut v = Vec::new();
+            for d in &r.manifest.layers {
+                let compression = kite_oci::layer_compression(&d.media_type).ok_or_else(|| {
+                    ConvertError::LayerMediaType {
+                        layer: d.digest.clone(),
+                        media_type: d.media_type.clone(),
+                    }
+                })?;
+                v.push(L::Tar {
+                    input: Input::Remote(std::sync::Arc::clone(&r.opener), Box::new(d.clone())),
+                    digest: d.digest.clone(),
+                    size: d.size,
+                    compression,
+                });
+            }
+            v
+        }
     };
 
     let count = layers.len();
@@ -285,19 +346,31 @@ fn run(
         };
         let (label, source_layer) = match l {
             L::Tar {
-                path,
+                input,
                 digest,
                 size,
                 compression,
             } => {
                 progress.layer(i, count, digest, Some(*size));
+                let input: Box<dyn std::io::Read> = match input {
+                    Input::File(path) => {
+                        Box::new(std::fs::File::open(path).map_err(|e| ConvertError::io(path, e))?)
+                    }
+                    Input::Remote(opener, desc) => {
+                        opener.open(desc).map_err(|source| ConvertError::Stream {
+                            layer: digest.clone(),
+                            at: " (opening it)".into(),
+                            source,
+                        })?
+                    }
+                };
                 let lf = layer::LayerFile {
-                    path,
+                    input,
                     digest,
                     size: *size,
                     compression: *compression,
                 };
-                input_bytes += layer::apply_tar_layer(&lf, &mut app, progress)?;
+                input_bytes += layer::apply_tar_layer(lf, &mut app, progress)?;
                 (digest.clone(), Some(digest.clone()))
             }
             L::Dir(p) => {

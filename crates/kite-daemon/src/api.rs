@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::backend::{Backend, Http, LocalDir};
+use crate::backend::{Backend, Http, LocalDir, Registry as RegistryBackend};
 use crate::serve::Daemon;
 use crate::DaemonError;
 
@@ -35,11 +35,50 @@ pub enum BackendSpec {
     Http { url: String },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Register either a local bootstrap with a backend, or an image in a
+/// registry (`image`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RegisterRequest {
     /// The bootstrap file (read by the daemon).
-    pub bootstrap: PathBuf,
-    pub backend: BackendSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendSpec>,
+    /// A kite image in an OCI registry: the daemon pins the reference to a
+    /// digest, fetches the bootstrap and verifies it against its
+    /// descriptor, and fetches chunks from the registry with Range GETs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageRef>,
+}
+
+/// A registry image to register.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct ImageRef {
+    /// `host[:port]/repo[:tag][@sha256:...]`.
+    pub reference: String,
+    /// Allow plain HTTP to a registry that is not on loopback.
+    #[serde(default)]
+    pub plain_http: bool,
+    /// os/arch[/variant] to pick from an index (default linux/amd64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// Credentials for this registry (else the daemon's docker config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for ImageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageRef")
+            .field("reference", &self.reference)
+            .field("plain_http", &self.plain_http)
+            .field("platform", &self.platform)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,6 +93,9 @@ pub struct RegisterResponse {
     /// ... and one `device=` file per blob, in device-table order.
     #[serde(default)]
     pub devices: Vec<PathBuf>,
+    /// Registry images: the reference pinned to the manifest digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +147,8 @@ pub struct ApiContext {
     pub domain_id: String,
     pub fetch_timeout: Duration,
     pub writer: String,
+    /// Settings for registry images (credentials per request are added).
+    pub registry: kite_registry::ClientConfig,
 }
 
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
@@ -188,7 +232,7 @@ async fn handle(
             let body = req.into_body().collect().await?.to_bytes();
             match serde_json::from_slice::<RegisterRequest>(&body) {
                 Err(e) => error(StatusCode::BAD_REQUEST, &format!("bad request body: {e}")),
-                Ok(r) => match register(&ctx, r) {
+                Ok(r) => match register(&ctx, r).await {
                     Ok(resp) => json(StatusCode::OK, &resp),
                     Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
                 },
@@ -238,21 +282,110 @@ async fn handle(
     Ok(resp)
 }
 
-fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterResponse, DaemonError> {
-    let bytes = std::fs::read(&r.bootstrap).map_err(|e| DaemonError::Io {
-        what: format!("reading bootstrap {}", r.bootstrap.display()),
-        source: e,
-    })?;
-    // Validate (and hash) before taking the registry lock: a bad or huge
-    // bootstrap must not stall or poison the request loop's lookups.
-    kite_format::Bootstrap::parse(&bytes).map_err(|e| DaemonError::BadBootstrap {
-        source_name: r.bootstrap.display().to_string(),
+/// The bootstrap bytes, backend, source label and pinned reference of a
+/// registry image, fetched and verified.
+async fn fetch_registry_image(
+    ctx: &ApiContext,
+    r: &ImageRef,
+) -> Result<(Vec<u8>, Arc<dyn Backend>, String), DaemonError> {
+    use kite_oci::media;
+    let reference = kite_registry::Reference::parse(&r.reference)?;
+    let mut cfg = ctx.registry.clone();
+    if let Some(u) = &r.username {
+        cfg.credentials.insert(
+            reference.api_host().to_string(),
+            kite_registry::Credentials::new(u.clone(), r.password.clone().unwrap_or_default()),
+        );
+    }
+    let platform = kite_oci::Platform::parse(r.platform.as_deref().unwrap_or("linux/amd64"))
+        .map_err(|e| DaemonError::Config(e.to_string()))?;
+    let client = kite_registry::Client::new(cfg)?;
+    let repo = client.repository(&reference, r.plain_http)?;
+    let resolved = repo.resolve(&reference, &platform).await?;
+    let pinned = reference.pinned(&resolved.digest).to_string();
+    let bad = |why: String| DaemonError::BadImage {
+        reference: pinned.clone(),
+        why,
+    };
+    let m = &resolved.manifest;
+    if m.config.media_type != media::KITE_CONFIG {
+        return Err(bad(format!(
+            "not a kite image (config media type {:?}); convert it with `kite convert --from docker://...` and publish it with `kite push`",
+            m.config.media_type
+        )));
+    }
+    let boots: Vec<_> = m
+        .layers
+        .iter()
+        .filter(|d| d.media_type == media::KITE_BOOTSTRAP)
+        .collect();
+    let [boot] = boots.as_slice() else {
+        return Err(bad(format!(
+            "{} bootstrap layers; a kite image has exactly one",
+            boots.len()
+        )));
+    };
+    // Verified against the descriptor's digest and size by the client.
+    let bytes = repo.fetch_blob(boot, 1 << 30).await?;
+    let parsed = kite_format::Bootstrap::parse(&bytes).map_err(|e| DaemonError::BadBootstrap {
+        source_name: format!("{} of {pinned}", boot.digest),
         why: e.to_string(),
     })?;
-    let backend: Arc<dyn Backend> = match &r.backend {
-        BackendSpec::Local { dir } => Arc::new(LocalDir::new(dir.clone())),
-        BackendSpec::Http { url } => {
-            Arc::new(Http::new(url, ctx.fetch_timeout).map_err(DaemonError::Config)?)
+    // Every blob the bootstrap uses must be a layer of the manifest.
+    for view in parsed.index.blobs() {
+        let want = format!("sha256:{}", view.record.digest.hex());
+        let layer = m.layers.iter().find(|d| d.digest == want);
+        match layer {
+            Some(d) if d.size == view.record.compressed_size => {}
+            Some(d) => {
+                return Err(bad(format!(
+                    "blob {want}: the manifest says {} bytes, the bootstrap {}",
+                    d.size, view.record.compressed_size
+                )))
+            }
+            None => {
+                return Err(bad(format!(
+                    "the bootstrap uses blob {want}, which is not a layer of the manifest"
+                )))
+            }
+        }
+    }
+    tracing::info!(reference = %r.reference, pinned = %pinned, bootstrap = %boot.digest, "fetched and verified the bootstrap");
+    let backend: Arc<dyn Backend> = Arc::new(RegistryBackend::new(repo, ctx.fetch_timeout));
+    Ok((bytes.to_vec(), backend, pinned))
+}
+
+async fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterResponse, DaemonError> {
+    let (bytes, backend, source, pinned) = match (&r.image, &r.bootstrap, &r.backend) {
+        (Some(image), None, None) => {
+            let (bytes, backend, pinned) = fetch_registry_image(ctx, image).await?;
+            (bytes, backend, pinned.clone(), Some(pinned))
+        }
+        (None, Some(bootstrap), Some(spec)) => {
+            let bytes = std::fs::read(bootstrap).map_err(|e| DaemonError::Io {
+                what: format!("reading bootstrap {}", bootstrap.display()),
+                source: e,
+            })?;
+            // Validate (and hash) before taking the registry lock: a bad or
+            // huge bootstrap must not stall or poison the request loop's
+            // lookups.
+            kite_format::Bootstrap::parse(&bytes).map_err(|e| DaemonError::BadBootstrap {
+                source_name: bootstrap.display().to_string(),
+                why: e.to_string(),
+            })?;
+            let backend: Arc<dyn Backend> = match spec {
+                BackendSpec::Local { dir } => Arc::new(LocalDir::new(dir.clone())),
+                BackendSpec::Http { url } => {
+                    Arc::new(Http::new(url, ctx.fetch_timeout).map_err(DaemonError::Config)?)
+                }
+            };
+            (bytes, backend, bootstrap.display().to_string(), None)
+        }
+        _ => {
+            return Err(DaemonError::Config(
+                "a registration names either an image reference, or a bootstrap and a backend"
+                    .into(),
+            ))
         }
     };
     let img = ctx
@@ -260,12 +393,7 @@ fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterResponse, Da
         .registry
         .lock()
         .map_err(|_| DaemonError::Poisoned)?
-        .register(
-            bytes,
-            backend,
-            ctx.fetch_timeout,
-            r.bootstrap.display().to_string(),
-        )?;
+        .register(bytes, backend, ctx.fetch_timeout, source)?;
     tracing::info!(fsid = %img.fsid, source = %img.source, blobs = img.blobs.len(), "registered image");
     let mut resp = RegisterResponse {
         fsid: img.fsid.clone(),
@@ -273,6 +401,7 @@ fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterResponse, Da
         kernel_path: ctx.kernel_path.clone(),
         bootstrap_path: None,
         devices: Vec::new(),
+        pinned,
     };
     if let Some(fan) = &ctx.fanotify {
         let files = fan.prepare(&img)?;

@@ -204,3 +204,65 @@ impl Backend for Http {
         self.base.clone()
     }
 }
+
+/// Blobs in an OCI registry repository, fetched with Range GETs (auth,
+/// retries, redirects and mirrors are the registry client's).
+pub struct Registry {
+    repo: kite_registry::Repository,
+    timeout: Duration,
+    counters: Counters,
+}
+
+impl Registry {
+    pub fn new(repo: kite_registry::Repository, timeout: Duration) -> Self {
+        Self {
+            repo,
+            timeout,
+            counters: Counters::default(),
+        }
+    }
+}
+
+impl Backend for Registry {
+    fn fetch(&self, blob: Digest, range: Range<u64>) -> FetchFuture<'_> {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        Box::pin(async move {
+            let (start, end) = (range.start, range.end);
+            let digest = format!("sha256:{}", blob.hex());
+            let res =
+                tokio::time::timeout(self.timeout, self.repo.fetch_range(&digest, range)).await;
+            match res {
+                Ok(Ok(body)) => {
+                    self.counters
+                        .bytes
+                        .fetch_add(body.len() as u64, Ordering::Relaxed);
+                    Ok(body)
+                }
+                Ok(Err(e)) => {
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    Err(FetchError::Failed {
+                        blob,
+                        start,
+                        end,
+                        why: e.to_string(),
+                    })
+                }
+                Err(_) => {
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    Err(FetchError::Timeout {
+                        blob,
+                        start,
+                        end,
+                        secs: self.timeout.as_secs(),
+                    })
+                }
+            }
+        })
+    }
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+    fn describe(&self) -> String {
+        format!("registry:{}", self.repo.display())
+    }
+}

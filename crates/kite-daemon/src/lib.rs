@@ -49,6 +49,10 @@ pub enum DaemonError {
     BadBootstrap { source_name: String, why: String },
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Registry(#[from] kite_registry::RegistryError),
+    #[error("image {reference}: {why}")]
+    BadImage { reference: String, why: String },
     #[error("control API: {0}")]
     Api(String),
     #[error("internal lock poisoned")]
@@ -75,6 +79,8 @@ pub struct DaemonConfig {
     pub kernel_path: Option<kite_kernel::features::KernelPath>,
     /// Chunks fetched ahead of a sequential reader (0 = off).
     pub readahead: usize,
+    /// Registry client settings for images mounted by reference.
+    pub registry: kite_registry::ClientConfig,
 }
 
 impl Default for DaemonConfig {
@@ -88,6 +94,7 @@ impl Default for DaemonConfig {
             fetch_timeout: Duration::from_secs(30),
             kernel_path: None,
             readahead: 4,
+            registry: kite_registry::ClientConfig::default(),
         }
     }
 }
@@ -156,6 +163,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
         domain_id: cfg.domain_id.clone(),
         fetch_timeout: cfg.fetch_timeout,
         writer: writer.mode.into(),
+        registry: cfg.registry.clone(),
     });
     let api = tokio::spawn({
         let socket = cfg.socket.clone();

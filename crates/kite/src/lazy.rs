@@ -5,22 +5,25 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use kite_daemon::api::{BackendSpec, Client, RegisterRequest};
+use kite_daemon::api::{BackendSpec, Client, ImageRef, RegisterRequest};
 use kite_daemon::DaemonConfig;
 use kite_kernel::features::Features;
 
 pub const DEFAULT_SOCKET: &str = "/run/kite/kite.sock";
 
+/// `kite daemon`'s settings besides the registry client's.
+pub struct DaemonArgs {
+    pub cache_dir: PathBuf,
+    pub socket: PathBuf,
+    pub merge_bound: u64,
+    pub fetch_timeout: u64,
+    pub kernel_path: Option<String>,
+    pub readahead: usize,
+}
+
 /// `kite daemon`.
-pub async fn daemon(
-    cache_dir: PathBuf,
-    socket: PathBuf,
-    merge_bound: u64,
-    fetch_timeout: u64,
-    kernel_path: Option<String>,
-    readahead: usize,
-) -> Result<()> {
-    let kernel_path = match kernel_path.as_deref() {
+pub async fn daemon(a: DaemonArgs, registry: kite_registry::ClientConfig) -> Result<()> {
+    let kernel_path = match a.kernel_path.as_deref() {
         None | Some("auto") => None,
         Some(p) => Some(
             kite_kernel::features::KernelPath::parse(p).with_context(|| {
@@ -28,17 +31,59 @@ pub async fn daemon(
             })?,
         ),
     };
+    let mut registry = registry;
+    registry.timeout = Duration::from_secs(a.fetch_timeout.max(1));
     let cfg = DaemonConfig {
-        cache_dir,
-        socket,
-        merge_bound,
-        fetch_timeout: Duration::from_secs(fetch_timeout),
+        cache_dir: a.cache_dir,
+        socket: a.socket,
+        merge_bound: a.merge_bound,
+        fetch_timeout: Duration::from_secs(a.fetch_timeout),
         kernel_path,
-        readahead,
+        readahead: a.readahead,
+        registry,
         ..Default::default()
     };
     kite_daemon::run(cfg).await?;
     Ok(())
+}
+
+/// What `kite mount` mounts.
+pub enum MountSource {
+    /// A `kite convert` output directory.
+    Dir(PathBuf),
+    /// A kite image in a registry.
+    Image(ImageRef),
+}
+
+impl MountSource {
+    /// A path that exists is a directory source; `docker://...` or a
+    /// reference with a registry host is a registry image.
+    pub fn parse(
+        source: &str,
+        plain_http: bool,
+        username: Option<String>,
+        password: Option<String>,
+        platform: String,
+    ) -> Result<Self> {
+        let explicit = source.starts_with("docker://");
+        if !explicit && Path::new(source).exists() {
+            return Ok(Self::Dir(PathBuf::from(source)));
+        }
+        match kite_registry::Reference::parse(source) {
+            Ok(r) if explicit || r.registry != kite_registry::reference::DOCKER_HUB => {
+                Ok(Self::Image(ImageRef {
+                    reference: r.to_string(),
+                    plain_http,
+                    platform: Some(platform),
+                    username,
+                    password,
+                }))
+            }
+            _ => bail!(
+                "{source}: no such directory, and not an image reference (HOST[:PORT]/REPO[:TAG|@DIGEST] or docker://...)"
+            ),
+        }
+    }
 }
 
 /// Explain what this kernel lacks for lazy mounts, if anything.
@@ -52,32 +97,51 @@ pub fn check_kernel() -> Result<()> {
 
 /// `kite mount SOURCE MOUNTPOINT`.
 pub async fn mount(
-    source: &Path,
+    source: MountSource,
     mountpoint: &Path,
     socket: &Path,
     backend_url: Option<String>,
 ) -> Result<()> {
     check_kernel()?;
-    let source = source
-        .canonicalize()
-        .with_context(|| format!("image source {}", source.display()))?;
-    let bootstrap = source.join(kite_convert::BOOTSTRAP_NAME);
-    if !bootstrap.is_file() {
-        bail!(
-            "{} is not a converted kite image directory (no {} in it)",
-            source.display(),
-            kite_convert::BOOTSTRAP_NAME
-        );
-    }
-    let backend = match backend_url {
-        Some(url) => BackendSpec::Http { url },
-        None => BackendSpec::Local {
-            dir: source.clone(),
-        },
+    let (req, label) = match source {
+        MountSource::Dir(dir) => {
+            let dir = dir
+                .canonicalize()
+                .with_context(|| format!("image source {}", dir.display()))?;
+            let bootstrap = dir.join(kite_convert::BOOTSTRAP_NAME);
+            if !bootstrap.is_file() {
+                bail!(
+                    "{} is not a converted kite image directory (no {} in it)",
+                    dir.display(),
+                    kite_convert::BOOTSTRAP_NAME
+                );
+            }
+            let backend = match backend_url {
+                Some(url) => BackendSpec::Http { url },
+                None => BackendSpec::Local { dir: dir.clone() },
+            };
+            let req = RegisterRequest {
+                bootstrap: Some(bootstrap),
+                backend: Some(backend),
+                image: None,
+            };
+            (req, dir.display().to_string())
+        }
+        MountSource::Image(image) => {
+            if backend_url.is_some() {
+                bail!("--backend-url is for image directories; a registry image is fetched from its registry");
+            }
+            let label = image.reference.clone();
+            let req = RegisterRequest {
+                image: Some(image),
+                ..Default::default()
+            };
+            (req, label)
+        }
     };
     let client = Client::new(socket);
     let reg = client
-        .register(&RegisterRequest { bootstrap, backend })
+        .register(&req)
         .await
         .context("registering the image with the daemon")?;
     let mounted = match &reg.bootstrap_path {
@@ -94,9 +158,10 @@ pub async fn mount(
         }
         return Err(e.into());
     }
+    let label = reg.pinned.clone().unwrap_or(label);
     println!(
         "mounted {} (fsid {}, {} path) on {}",
-        source.display(),
+        label,
         reg.fsid,
         reg.kernel_path,
         mountpoint.display()

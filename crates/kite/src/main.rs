@@ -19,12 +19,13 @@ use kite_oci::Platform;
 
 mod lazy;
 mod progress;
+mod registry;
 
 #[derive(Parser)]
 #[command(
     name = "kite",
     version,
-    about = "Lazy-loading container images: convert, inspect, check, unpack"
+    about = "Lazy-loading container images: convert, push, mount, inspect, check"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -35,7 +36,8 @@ struct Cli {
 enum Cmd {
     /// Convert an OCI image (or a directory) into a kite image.
     Convert {
-        /// oci:PATH[:TAG] or dir:PATH
+        /// oci:PATH[:TAG], dir:PATH, or docker://HOST[:PORT]/REPO[:TAG|@DIGEST]
+        /// (streamed from the registry, layers never stored whole).
         #[arg(long)]
         from: String,
         /// Output directory (must not exist or be empty).
@@ -59,6 +61,22 @@ enum Cmd {
         /// Never show a progress bar.
         #[arg(long)]
         quiet: bool,
+        #[command(flatten)]
+        registry: registry::RegistryArgs,
+    },
+    /// Publish a converted image (or any one-image OCI layout) to a
+    /// registry; prints the reference pinned to the manifest digest.
+    Push {
+        /// The directory `kite convert --to` wrote.
+        dir: PathBuf,
+        /// HOST[:PORT]/REPO[:TAG]
+        reference: String,
+        /// Repositories of the same registry to mount blobs from before
+        /// uploading them (repeatable).
+        #[arg(long = "mount-from", value_name = "REPO")]
+        mount_from: Vec<String>,
+        #[command(flatten)]
+        registry: registry::RegistryArgs,
     },
     /// Show a bootstrap's tree, blobs and dedup statistics.
     Inspect {
@@ -98,11 +116,26 @@ enum Cmd {
         /// Chunks to fetch ahead of a sequential reader (0 disables).
         #[arg(long, default_value_t = 4)]
         readahead: usize,
+        /// Registry mirror, HOST=URL (repeatable; tried in order before
+        /// HOST itself).
+        #[arg(long, value_name = "HOST=URL")]
+        mirror: Vec<String>,
+        /// Allow plain HTTP to every registry (loopback ones always may).
+        #[arg(long)]
+        plain_http: bool,
+        /// Docker config with `auths` (default $DOCKER_CONFIG/config.json
+        /// or ~/.docker/config.json).
+        #[arg(long)]
+        docker_config: Option<PathBuf>,
+        /// Retries of a failed registry request.
+        #[arg(long, default_value_t = 3)]
+        registry_retries: u32,
     },
-    /// Mount a converted image lazily through the daemon (root).
+    /// Mount an image lazily through the daemon (root): a converted image
+    /// directory, or a kite image in a registry (HOST[:PORT]/REPO[:TAG|@DIGEST],
+    /// optionally docker://).
     Mount {
-        /// A converted image directory.
-        source: PathBuf,
+        source: String,
         mountpoint: PathBuf,
         #[arg(long, env = "KITE_SOCKET", default_value = lazy::DEFAULT_SOCKET)]
         socket: PathBuf,
@@ -113,6 +146,18 @@ enum Cmd {
         /// mount(8) compatibility: options (ignored except for validation).
         #[arg(short = 'o', hide = true)]
         options: Option<String>,
+        /// Registry images: allow plain HTTP to a non-loopback registry.
+        #[arg(long)]
+        plain_http: bool,
+        /// Registry images: user name (password from --password-stdin);
+        /// else the daemon's docker config is used.
+        #[arg(long)]
+        username: Option<String>,
+        #[arg(long)]
+        password_stdin: bool,
+        /// Registry images: platform to pick from an index.
+        #[arg(long, default_value = "linux/amd64")]
+        platform: String,
     },
     /// Unmount a kite mount and forget the image if nothing else uses it.
     Umount {
@@ -191,6 +236,16 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// Warnings only (retries and resumptions show at info with KITE_LOG=info).
+fn init_logging_quiet() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KITE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KITE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -209,15 +264,31 @@ fn run(cli: Cli) -> Result<()> {
             fetch_timeout,
             kernel_path,
             readahead,
+            mirror,
+            plain_http,
+            docker_config,
+            registry_retries,
         } => {
             init_logging();
+            let mut reg = kite_registry::ClientConfig {
+                plain_http,
+                retries: registry_retries,
+                mirrors: registry::parse_mirrors(&mirror)?,
+                ..Default::default()
+            };
+            if docker_config.is_some() {
+                reg.docker_config = docker_config;
+            }
             runtime()?.block_on(lazy::daemon(
-                cache_dir,
-                socket,
-                merge_bound,
-                fetch_timeout,
-                Some(kernel_path),
-                readahead,
+                lazy::DaemonArgs {
+                    cache_dir,
+                    socket,
+                    merge_bound,
+                    fetch_timeout,
+                    kernel_path: Some(kernel_path),
+                    readahead,
+                },
+                reg,
             ))?;
         }
         Cmd::Mount {
@@ -226,7 +297,27 @@ fn run(cli: Cli) -> Result<()> {
             socket,
             backend_url,
             options: _,
-        } => runtime()?.block_on(lazy::mount(&source, &mountpoint, &socket, backend_url))?,
+            plain_http,
+            username,
+            password_stdin,
+            platform,
+        } => {
+            let password = registry::read_password(username.as_deref(), password_stdin)?;
+            let image =
+                lazy::MountSource::parse(&source, plain_http, username, password, platform)?;
+            runtime()?.block_on(lazy::mount(image, &mountpoint, &socket, backend_url))?
+        }
+        Cmd::Push {
+            dir,
+            reference,
+            mount_from,
+            registry,
+        } => {
+            init_logging_quiet();
+            let pinned =
+                runtime()?.block_on(registry::push(&dir, &reference, &mount_from, &registry))?;
+            println!("{pinned}");
+        }
         Cmd::Umount { mountpoint, socket } => {
             runtime()?.block_on(lazy::umount(&mountpoint, &socket))?
         }
@@ -240,8 +331,22 @@ fn run(cli: Cli) -> Result<()> {
             inline_max,
             threads,
             quiet,
+            registry,
         } => {
-            let source = Source::parse(&from)?;
+            // Registry sources stream layers through tasks on this runtime.
+            let rt = runtime()?;
+            let source = if from.starts_with("docker://") {
+                init_logging_quiet();
+                let plat = Platform::parse(&platform)?;
+                rt.block_on(registry::remote_source(
+                    &from,
+                    &plat,
+                    &registry,
+                    rt.handle(),
+                ))?
+            } else {
+                Source::parse(&from)?
+            };
             let mut opts = ConvertOptions {
                 chunk_size: ChunkSize::parse(&chunk_size)?,
                 level,
