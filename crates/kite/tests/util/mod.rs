@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod registry;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
