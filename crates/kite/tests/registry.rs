@@ -107,6 +107,34 @@ fn push_skips_present_blobs_and_mounts_across_repositories() {
         std::fs::read(from_dir.join("bootstrap")).unwrap(),
         "bootstrap from the registry differs from the local conversion"
     );
+    // Chunked upload (PATCH per MiB), then the same conversion again.
+    let o = kite_with(
+        &[
+            "push",
+            src.to_str().unwrap(),
+            &format!("{}/src/chunked:v1", reg.addr),
+            "--upload-chunk",
+            "1048576",
+        ],
+        &[],
+        None,
+    );
+    ok(o, "chunked push");
+    assert!(
+        reg.count("PATCH", "/v2/src/chunked/blobs/uploads/") >= 10,
+        "no chunked upload: {}",
+        reg.log_text()
+    );
+    let from_chunked = d.join("conv-chunked");
+    convert(
+        &format!("docker://{}/src/chunked:v1", reg.addr),
+        &from_chunked,
+        &[],
+    );
+    assert_eq!(
+        std::fs::read(from_chunked.join("bootstrap")).unwrap(),
+        std::fs::read(from_dir.join("bootstrap")).unwrap(),
+    );
     kite_ok(&[
         "check",
         from_reg.join("bootstrap").to_str().unwrap(),
