@@ -135,6 +135,9 @@ pub struct Health {
     pub reads_inflight: u64,
     pub opens_refused: u64,
     pub writer: String,
+    /// fanotify path: bytes of bootstraps locked in memory.
+    #[serde(default)]
+    pub pinned_bytes: u64,
 }
 
 /// What the API handlers need besides the daemon.
@@ -221,6 +224,7 @@ async fn handle(
                     reads_inflight: s.reads_inflight.load(Ordering::Relaxed),
                     opens_refused: s.open_refused.load(Ordering::Relaxed),
                     writer: ctx.writer.clone(),
+                    pinned_bytes: ctx.fanotify.as_ref().map_or(0, |f| f.pinned_bytes()),
                 },
             )
         }
@@ -270,6 +274,9 @@ async fn handle(
                     Err(_) => Vec::new(),
                 };
                 fan.forget(&unused);
+            }
+            if let (true, Some(fan)) = (removed, &ctx.fanotify) {
+                fan.unpin(fsid);
             }
             if removed {
                 json(StatusCode::OK, &serde_json::json!({ "removed": fsid }))

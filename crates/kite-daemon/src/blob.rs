@@ -105,6 +105,30 @@ impl Batch {
     }
 }
 
+/// Run `f` with this thread's chunk decoder (one zstd context per
+/// blocking-pool thread instead of one per chunk).
+fn with_decoder<T>(
+    f: impl FnOnce(&mut ChunkDecoder) -> Result<T, (bool, String)>,
+) -> Result<T, (bool, String)> {
+    thread_local! {
+        static DECODER: std::cell::RefCell<Option<ChunkDecoder>> = const { std::cell::RefCell::new(None) };
+    }
+    DECODER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(ChunkDecoder::new().map_err(|e| (false, e.to_string()))?);
+        }
+        match slot.as_mut() {
+            Some(dec) => f(dec),
+            None => Err((false, "no chunk decoder".into())),
+        }
+    })
+}
+
+/// How far the readahead window of a long sequential scan may grow, as a
+/// multiple of the configured readahead.
+const READAHEAD_GROWTH: usize = 8;
+
 pub struct BlobState {
     pub digest: Digest,
     pub uncompressed_size: u64,
@@ -230,6 +254,19 @@ impl BlobState {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Readahead window for a reader at chunk `at`: the configured
+    /// readahead, growing with the run of fetched chunks just behind `at`
+    /// (a long sequential scan gets a deeper pipeline, so decoding runs on
+    /// every core) up to 8 times the configured value. Random readers never
+    /// build a run and keep the small window.
+    fn window(&self, fetched: &[bool], at: usize) -> usize {
+        let cap = self.readahead * READAHEAD_GROWTH;
+        let run = (0..cap.min(at))
+            .take_while(|k| fetched.get(at - 1 - k) == Some(&true))
+            .count();
+        self.readahead.max(run)
+    }
+
     /// Keep a sequential reader's window full: the reader is at `at` (data
     /// present), so start fetching the chunks after it that are neither
     /// present nor in flight, up to `readahead` ahead. Nothing waits on
@@ -243,7 +280,6 @@ impl BlobState {
         if self.readahead == 0 {
             return;
         }
-        let end = (at + 1 + self.readahead).min(self.chunks.len());
         let next: Vec<usize> = {
             // Lock order everywhere: failed, inflight, fetched.
             let Ok(inflight) = self.inflight.lock() else {
@@ -252,6 +288,7 @@ impl BlobState {
             let Ok(fetched) = self.fetched.lock() else {
                 return;
             };
+            let end = (at + 1 + self.window(&fetched, at)).min(self.chunks.len());
             (at + 1..end)
                 .filter(|&i| !fetched[i] && !inflight.contains_key(&(i, object.target())))
                 .collect()
@@ -324,7 +361,7 @@ impl BlobState {
                         && (fetched.get(first - 1) == Some(&true)
                             || inflight.contains_key(&(first - 1, target)));
                     if sequential {
-                        let end = (last + 1 + self.readahead).min(self.chunks.len());
+                        let end = (last + 1 + self.window(&fetched, first)).min(self.chunks.len());
                         for (i, done) in fetched.iter().enumerate().take(end).skip(last + 1) {
                             if !done
                                 && !inflight.contains_key(&(i, target))
@@ -420,13 +457,15 @@ impl BlobState {
                 });
                 tokio::task::spawn_blocking(move || -> Result<AlignedBuf, (bool, String)> {
                     let stored = part.ok_or((false, String::new()))?;
-                    let mut dec = ChunkDecoder::new().map_err(|e| (false, e.to_string()))?;
                     // Decode straight into the page-aligned buffer whose
-                    // padded extent is written to the cache.
-                    let mut buf =
-                        AlignedBuf::zeroed(align4k(rec.uncompressed_size as u64) as usize);
-                    dec.decode_into(digest, i, &rec, &stored, buf.as_mut_slice())
-                        .map_err(|e| (true, e.to_string()))?;
+                    // padded extent is written to the cache: the decoder
+                    // fills the head, the padding is zero.
+                    let n = rec.uncompressed_size as usize;
+                    let mut buf = AlignedBuf::with_zero_tail(align4k(n as u64) as usize, n);
+                    with_decoder(|dec| {
+                        dec.decode_into(digest, i, &rec, &stored, buf.as_mut_slice())
+                            .map_err(|e| (true, e.to_string()))
+                    })?;
                     Ok(buf)
                 })
             })

@@ -57,6 +57,9 @@ pub struct FanotifyPath {
     by_digest: Mutex<HashMap<Digest, Arc<BlobFile>>>,
     /// All events received.
     pub events: AtomicU64,
+    /// Bootstraps locked in memory, by fsid, within `pin_budget` bytes.
+    pinned: Mutex<HashMap<String, kite_kernel::pin::PinnedFile>>,
+    pin_budget: u64,
 }
 
 fn io_err(what: String) -> impl FnOnce(std::io::Error) -> DaemonError {
@@ -64,10 +67,12 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> DaemonError {
 }
 
 impl FanotifyPath {
+    /// `pin_budget`: bytes of bootstraps to keep locked in memory (0: none).
     pub fn new(
         daemon: Arc<Daemon>,
         writer: Arc<Writer>,
         cache_dir: &Path,
+        pin_budget: u64,
     ) -> Result<Arc<Self>, DaemonError> {
         for sub in ["blobs", "bootstraps"] {
             let d = cache_dir.join(sub);
@@ -81,7 +86,55 @@ impl FanotifyPath {
             by_id: Mutex::new(HashMap::new()),
             by_digest: Mutex::new(HashMap::new()),
             events: AtomicU64::new(0),
+            pinned: Mutex::new(HashMap::new()),
+            pin_budget,
         }))
+    }
+
+    /// Lock an image's bootstrap in memory, budget permitting: file-backed
+    /// EROFS reads metadata through this file's page cache, so lookups,
+    /// stat and readdir then never wait for the disk, even after memory
+    /// pressure or drop_caches. Failure only costs that speed.
+    fn pin_bootstrap(&self, fsid: &str, path: &Path) {
+        let Ok(mut pinned) = self.pinned.lock() else {
+            return;
+        };
+        if pinned.contains_key(fsid) {
+            return;
+        }
+        let used: u64 = pinned.values().map(|p| p.len() as u64).sum();
+        let res = File::open(path).and_then(|f| {
+            let len = f.metadata()?.len();
+            if used + len > self.pin_budget {
+                return Err(std::io::Error::other(format!(
+                    "{len} bytes would exceed the pinning budget ({used} of {} bytes used)",
+                    self.pin_budget
+                )));
+            }
+            kite_kernel::pin::PinnedFile::pin(&f)
+        });
+        match res {
+            Ok(p) => {
+                tracing::info!(fsid, bytes = p.len(), "bootstrap locked in memory");
+                pinned.insert(fsid.to_string(), p);
+            }
+            Err(e) => tracing::info!(fsid, "bootstrap not locked in memory: {e}"),
+        }
+    }
+
+    /// Release the memory lock of an image's bootstrap.
+    pub fn unpin(&self, fsid: &str) {
+        if let Ok(mut p) = self.pinned.lock() {
+            p.remove(fsid);
+        }
+    }
+
+    /// Bytes of bootstraps locked in memory.
+    pub fn pinned_bytes(&self) -> u64 {
+        self.pinned
+            .lock()
+            .map(|p| p.values().map(|x| x.len() as u64).sum())
+            .unwrap_or(0)
     }
 
     /// Make the files for a newly registered image ready to mount.
@@ -106,6 +159,9 @@ impl FanotifyPath {
                 std::fs::rename(&tmp, &boot)
             };
             write().map_err(io_err(format!("writing {}", boot.display())))?;
+        }
+        if self.pin_budget > 0 {
+            self.pin_bootstrap(&img.fsid, &boot);
         }
         let mut devices = Vec::new();
         for b in &img.blobs {

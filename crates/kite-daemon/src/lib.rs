@@ -81,6 +81,8 @@ pub struct DaemonConfig {
     pub readahead: usize,
     /// Registry client settings for images mounted by reference.
     pub registry: kite_registry::ClientConfig,
+    /// fanotify path: bytes of bootstraps to lock in memory (0: none).
+    pub pin_metadata: u64,
 }
 
 impl Default for DaemonConfig {
@@ -95,6 +97,7 @@ impl Default for DaemonConfig {
             kernel_path: None,
             readahead: 4,
             registry: kite_registry::ClientConfig::default(),
+            pin_metadata: 256 << 20,
         }
     }
 }
@@ -151,6 +154,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
                 Arc::clone(&daemon),
                 Arc::clone(&writer),
                 &cfg.cache_dir,
+                cfg.pin_metadata,
             )?;
             (tokio::spawn(Arc::clone(&fan).serve()), Some(fan))
         }

@@ -18,6 +18,7 @@ pub mod cachefiles;
 pub mod fanotify;
 pub mod features;
 pub mod mount;
+pub mod pin;
 pub mod uring;
 
 /// Errors talking to the kernel.

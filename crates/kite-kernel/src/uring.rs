@@ -28,6 +28,15 @@ pub struct AlignedBuf {
     len: usize,
 }
 
+/// Storage of dropped large buffers, reused by [`AlignedBuf::with_zero_tail`]
+/// so a stream of chunk buffers does not fault in and zero fresh pages for
+/// every chunk.
+static POOL: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+/// Buffers smaller than this are not pooled.
+const POOL_MIN: usize = 64 << 10;
+/// At most this many buffers wait in the pool.
+const POOL_MAX_BUFFERS: usize = 48;
+
 impl AlignedBuf {
     /// `len` bytes of zeros, page-aligned. `len` should be a page multiple
     /// for O_DIRECT writes.
@@ -40,6 +49,34 @@ impl AlignedBuf {
             start,
             len,
         }
+    }
+
+    /// `len` bytes, page-aligned, of which `[head..len]` are zeros and
+    /// `[..head]` hold old bytes the caller must overwrite before use (for
+    /// a chunk decoded into the head and written with its zero padding).
+    /// Large buffers come from a pool of dropped ones.
+    pub fn with_zero_tail(len: usize, head: usize) -> Self {
+        let need = len + PAGE;
+        if len >= POOL_MIN {
+            let reused = POOL.lock().ok().and_then(|mut pool| {
+                let i = pool
+                    .iter()
+                    .position(|v| v.len() >= need && v.len() <= need * 2)?;
+                Some(pool.swap_remove(i))
+            });
+            if let Some(storage) = reused {
+                let start = storage.as_ptr().align_offset(PAGE);
+                let mut b = Self {
+                    storage,
+                    start,
+                    len,
+                };
+                let h = head.min(len);
+                b.as_mut_slice()[h..].fill(0);
+                return b;
+            }
+        }
+        Self::zeroed(len)
     }
     pub fn len(&self) -> usize {
         self.len
@@ -55,6 +92,19 @@ impl AlignedBuf {
     }
     fn as_ptr(&self) -> *const u8 {
         self.as_slice().as_ptr()
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if self.len < POOL_MIN {
+            return;
+        }
+        if let Ok(mut pool) = POOL.lock() {
+            if pool.len() < POOL_MAX_BUFFERS {
+                pool.push(std::mem::take(&mut self.storage));
+            }
+        }
     }
 }
 
@@ -250,6 +300,13 @@ mod tests {
         for len in [0, 4096, 3 * 4096] {
             let mut b = AlignedBuf::zeroed(len);
             assert_eq!(b.as_slice().as_ptr() as usize % PAGE, 0);
+            let mut big = AlignedBuf::with_zero_tail(POOL_MIN * 2, 10);
+            big.as_mut_slice().fill(9);
+            drop(big);
+            // Reused or fresh, the tail is zero and the buffer aligned.
+            let again = AlignedBuf::with_zero_tail(POOL_MIN * 2, 100);
+            assert_eq!(again.as_slice().as_ptr() as usize % PAGE, 0);
+            assert!(again.as_slice()[100..].iter().all(|&x| x == 0));
             assert!(b.as_slice().iter().all(|&x| x == 0));
             b.as_mut_slice().fill(7);
             assert_eq!(b.len(), len);

@@ -19,6 +19,7 @@ pub struct DaemonArgs {
     pub fetch_timeout: u64,
     pub kernel_path: Option<String>,
     pub readahead: usize,
+    pub pin_metadata: u64,
 }
 
 /// `kite daemon`.
@@ -41,6 +42,7 @@ pub async fn daemon(a: DaemonArgs, registry: kite_registry::ClientConfig) -> Res
         kernel_path,
         readahead: a.readahead,
         registry,
+        pin_metadata: a.pin_metadata,
         ..Default::default()
     };
     kite_daemon::run(cfg).await?;

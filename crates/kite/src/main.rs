@@ -130,6 +130,10 @@ enum Cmd {
         /// Retries of a failed registry request.
         #[arg(long, default_value_t = 3)]
         registry_retries: u32,
+        /// fanotify path: MiB of bootstraps (image metadata) to keep locked
+        /// in memory, so metadata never waits for the disk (0 disables).
+        #[arg(long, default_value_t = 256)]
+        pin_metadata_mib: u64,
     },
     /// Mount an image lazily through the daemon (root): a converted image
     /// directory, or a kite image in a registry (HOST[:PORT]/REPO[:TAG|@DIGEST],
@@ -268,6 +272,7 @@ fn run(cli: Cli) -> Result<()> {
             plain_http,
             docker_config,
             registry_retries,
+            pin_metadata_mib,
         } => {
             init_logging();
             let mut reg = kite_registry::ClientConfig {
@@ -287,6 +292,7 @@ fn run(cli: Cli) -> Result<()> {
                     fetch_timeout,
                     kernel_path: Some(kernel_path),
                     readahead,
+                    pin_metadata: pin_metadata_mib << 20,
                 },
                 reg,
             ))?;

@@ -415,6 +415,36 @@ fn complete_blob_raises_no_event_after_drop_caches() {
 }
 
 #[test]
+fn bootstraps_are_locked_in_memory_while_mounted_within_the_budget() {
+    if !require(
+        "bootstraps_are_locked_in_memory_while_mounted_within_the_budget",
+        fanotify_path(),
+    ) {
+        return;
+    }
+    let dir = tempdir();
+    let conv = example(dir.path());
+    let size = std::fs::metadata(conv.join("bootstrap")).unwrap().len();
+    let pinned = |d: &Daemon| d.status()["health"]["pinned_bytes"].as_u64().unwrap();
+    let d = Daemon::start(dir.path(), &[]);
+    let m = d.mount(&conv, &dir.path().join("mnt"), &[]);
+    assert_eq!(pinned(&d), size, "bootstrap not locked after mount");
+    m.umount();
+    assert_eq!(
+        pinned(&d),
+        0,
+        "lock not released when the image is forgotten"
+    );
+    d.stop();
+    // A zero budget locks nothing; the mount works the same.
+    let d = Daemon::start(dir.path(), &["--pin-metadata-mib", "0"]);
+    let m = d.mount(&conv, &dir.path().join("mnt"), &[]);
+    assert_eq!(pinned(&d), 0);
+    assert!(!read_all(&m.mnt).is_empty());
+    m.umount();
+}
+
+#[test]
 fn mmap_exec_and_import_work_on_a_cold_cache() {
     if !require("mmap_exec_and_import_work_on_a_cold_cache", fanotify_path()) {
         return;
