@@ -298,11 +298,19 @@ async fn fetch_registry_image(
     use kite_oci::media;
     let reference = kite_registry::Reference::parse(&r.reference)?;
     let mut cfg = ctx.registry.clone();
-    if let Some(u) = &r.username {
-        cfg.credentials.insert(
-            reference.api_host().to_string(),
-            kite_registry::Credentials::new(u.clone(), r.password.clone().unwrap_or_default()),
-        );
+    match (&r.username, &r.password) {
+        (Some(u), Some(p)) => {
+            cfg.credentials.insert(
+                reference.api_host().to_string(),
+                kite_registry::Credentials::new(u.clone(), p.clone()),
+            );
+        }
+        (None, None) => {}
+        _ => {
+            return Err(DaemonError::Config(
+                "registry credentials need both a user name and a password".into(),
+            ))
+        }
     }
     let platform = kite_oci::Platform::parse(r.platform.as_deref().unwrap_or("linux/amd64"))
         .map_err(|e| DaemonError::Config(e.to_string()))?;

@@ -59,7 +59,7 @@ impl Credentials {
 /// The default docker config: `$DOCKER_CONFIG/config.json`, else
 /// `$HOME/.docker/config.json`.
 pub fn default_docker_config() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
+    if let Some(dir) = std::env::var_os("DOCKER_CONFIG").filter(|d| !d.is_empty()) {
         return Some(PathBuf::from(dir).join("config.json"));
     }
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker").join("config.json"))

@@ -92,8 +92,17 @@ pub(crate) struct Inner {
     pub(crate) cfg: ClientConfig,
     http: reqwest::Client,
     auth: Mutex<HashMap<String, HostAuth>>,
+    /// Docker-config credentials looked up so far, by host.
+    docker_creds: Mutex<HashMap<String, Option<Credentials>>>,
+    /// Mirrors that failed recently are skipped until this instant.
+    mirror_down: Mutex<HashMap<String, Instant>>,
     pub(crate) stats: Stats,
 }
+
+/// How long a failed mirror is skipped.
+const MIRROR_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest token lifetime believed.
+const MAX_TOKEN_LIFE: Duration = Duration::from_secs(24 * 3600);
 
 /// A registry client; cheap to clone, shared by all operations.
 #[derive(Clone)]
@@ -114,6 +123,9 @@ pub(crate) struct Op<'a> {
     pub what: &'a str,
     /// Try mirrors first (reads only).
     pub pull: bool,
+    /// Safe to send again after a transport error (false for upload
+    /// PATCH/PUT: the caller restarts the upload instead).
+    pub idempotent: bool,
 }
 
 impl Client {
@@ -133,6 +145,8 @@ impl Client {
                 cfg,
                 http,
                 auth: Mutex::new(HashMap::new()),
+                docker_creds: Mutex::new(HashMap::new()),
+                mirror_down: Mutex::new(HashMap::new()),
                 stats: Stats::default(),
             }),
         })
@@ -165,11 +179,21 @@ impl Client {
     fn bases(&self, registry: &str, origin: &Url, pull: bool) -> Vec<(Url, bool)> {
         let mut v = Vec::new();
         if pull {
+            let now = Instant::now();
+            let down = self
+                .inner
+                .mirror_down
+                .lock()
+                .map(|d| d.clone())
+                .unwrap_or_default();
             for m in self.inner.cfg.mirrors.get(registry).into_iter().flatten() {
+                if down.get(m).is_some_and(|until| *until > now) {
+                    continue;
+                }
                 match Url::parse(m.trim_end_matches('/')) {
                     Ok(u) => v.push((u, true)),
                     Err(e) => {
-                        tracing::warn!(mirror = %m, "ignoring a mirror that is not a URL: {e}")
+                        tracing::warn!(mirror = %redact(m), "ignoring a mirror that is not a URL: {e}")
                     }
                 }
             }
@@ -191,28 +215,41 @@ impl Client {
         let last = bases.len() - 1;
         let mut errors = Vec::new();
         for (i, (base, mirror)) in bases.into_iter().enumerate() {
-            let retries = if mirror { 0 } else { self.inner.cfg.retries };
+            let retries = if mirror || !op.idempotent {
+                0
+            } else {
+                self.inner.cfg.retries
+            };
             let res = self.execute_on(&base, op, retries).await;
-            match res {
-                Ok(r) if mirror && !r.status().is_success() && i < last => {
-                    let s = r.status();
-                    // A mirror that lacks something or fails: next one.
-                    if s == StatusCode::NOT_FOUND || s.is_server_error() || s.as_u16() == 429 {
-                        tracing::info!(mirror = %base, status = %s, what = op.what, "mirror failed; trying the next source");
-                        errors.push(format!("mirror {base}: status {s}"));
-                        self.count_fallback();
-                        continue;
-                    }
-                    return Ok(r);
-                }
-                Ok(r) => return Ok(r),
-                Err(e) if mirror && i < last && !matches!(e, RegistryError::Auth { .. }) => {
-                    tracing::info!(mirror = %base, what = op.what, "mirror failed ({e}); trying the next source");
-                    errors.push(format!("mirror {base}: {e}"));
-                    self.count_fallback();
-                }
-                Err(e) => return Err(e),
+            if !mirror || i == last {
+                return res;
             }
+            // A mirror that lacks something, refuses us or fails: skip it
+            // for a while and try the next source (the origin is last).
+            let why = match res {
+                Ok(r) if r.status().is_success() || r.status() == StatusCode::PARTIAL_CONTENT => {
+                    return Ok(r)
+                }
+                Ok(r) => format!("status {}", r.status()),
+                Err(e) => e.to_string(),
+            };
+            tracing::info!(mirror = %redact(base.as_str()), what = op.what, "mirror failed ({why}); trying the next source");
+            errors.push(format!("mirror {}: {why}", redact(base.as_str())));
+            if let Ok(mut d) = self.inner.mirror_down.lock() {
+                let key = base.as_str().trim_end_matches('/').to_string();
+                let configured = self
+                    .inner
+                    .cfg
+                    .mirrors
+                    .get(registry)
+                    .into_iter()
+                    .flatten()
+                    .find(|m| m.trim_end_matches('/') == key)
+                    .cloned()
+                    .unwrap_or(key);
+                d.insert(configured, Instant::now() + MIRROR_BACKOFF);
+            }
+            self.count_fallback();
         }
         Err(RegistryError::Transport {
             what: op.what.to_string(),
@@ -241,7 +278,23 @@ impl Client {
             let auth = self.auth_header(&host, &op.scopes, op.what).await?;
             let res = self.send_following(&url, op, auth.as_ref()).await;
             let retryable_wait = match &res {
-                Err(e) => Some((None, e.to_string())),
+                Err(e) => Some((None, e.clone())),
+                Ok(r)
+                    if r.status() == StatusCode::UNAUTHORIZED
+                        && r.url().origin() != url.origin() =>
+                {
+                    // A redirect target (blob storage) refused us: its
+                    // challenge is not the registry's, and our credentials
+                    // must not go to it.
+                    return Err(RegistryError::Status {
+                        what: op.what.to_string(),
+                        status: 401,
+                        detail: format!(
+                            " (from redirect target {})",
+                            r.url().origin().ascii_serialization()
+                        ),
+                    });
+                }
                 Ok(r) if r.status() == StatusCode::UNAUTHORIZED => {
                     let challenge = r
                         .headers()
@@ -255,7 +308,7 @@ impl Client {
                     let Some(ch) = challenge else {
                         return Err(self.auth_failed(&host, op.what, sent, false));
                     };
-                    let had_creds = self.credentials(&host)?.is_some();
+                    let had_creds = self.credentials(&host).is_some();
                     if matches!(ch, Challenge::Basic) && (!had_creds || sent) {
                         return Err(self.auth_failed(&host, op.what, sent, false));
                     }
@@ -276,9 +329,9 @@ impl Client {
             };
             match retryable_wait {
                 None => {
-                    return res.map_err(|e| RegistryError::Transport {
+                    return res.map_err(|why| RegistryError::Transport {
                         what: op.what.to_string(),
-                        why: e.to_string(),
+                        why,
                     })
                 }
                 Some((after, why)) => {
@@ -321,13 +374,14 @@ impl Client {
     }
 
     /// Send, following redirects by hand. Authorization goes only to the
-    /// origin of the first URL.
+    /// origin of the first URL. Errors are text without URLs (a redirect
+    /// URL may carry a signature).
     async fn send_following(
         &self,
         url: &Url,
         op: &Op<'_>,
         auth: Option<&HeaderValue>,
-    ) -> Result<reqwest::Response, reqwest::Error> {
+    ) -> Result<reqwest::Response, String> {
         let mut url = url.clone();
         let mut method = op.method.clone();
         let mut body = op.body.clone();
@@ -348,7 +402,7 @@ impl Client {
                 .stats
                 .requests
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let resp = req.send().await?;
+            let resp = req.send().await.map_err(describe_reqwest)?;
             let s = resp.status();
             if !s.is_redirection() || s == StatusCode::NOT_MODIFIED {
                 return Ok(resp);
@@ -365,28 +419,34 @@ impl Client {
                 method = Method::GET;
                 body = None;
             }
-            tracing::debug!(from = %url, to = %next, "following redirect");
+            tracing::debug!(to = %format!("{}{}", next.origin().ascii_serialization(), next.path()), "following redirect");
             url = next;
         }
-        // Too many hops: hand back one more response for the caller to
-        // judge (a 3xx status is an error to every operation).
-        self.inner.http.request(method, url).send().await
+        Err("more than 5 redirects".into())
     }
 
-    /// Explicit credentials for `host`, else the docker config's.
-    fn credentials(&self, host: &str) -> Result<Option<Credentials>, RegistryError> {
+    /// Explicit credentials for `host`, else the docker config's (read
+    /// once per host; an unreadable or malformed config is logged and
+    /// treated as having none, so anonymous pulls still work).
+    fn credentials(&self, host: &str) -> Option<Credentials> {
         if let Some(c) = self.inner.cfg.credentials.get(host) {
-            return Ok(Some(c.clone()));
+            return Some(c.clone());
         }
-        match &self.inner.cfg.docker_config {
-            Some(p) => {
-                auth::docker_config_credentials(p, host).map_err(|why| RegistryError::Auth {
-                    registry: host.to_string(),
-                    why,
-                })
+        let path = self.inner.cfg.docker_config.as_ref()?;
+        if let Some(c) = self.inner.docker_creds.lock().ok()?.get(host) {
+            return c.clone();
+        }
+        let found = match auth::docker_config_credentials(path, host) {
+            Ok(c) => c,
+            Err(why) => {
+                tracing::warn!("ignoring the docker config: {why}");
+                None
             }
-            None => Ok(None),
+        };
+        if let Ok(mut m) = self.inner.docker_creds.lock() {
+            m.insert(host.to_string(), found.clone());
         }
+        found
     }
 
     fn auth_failed(
@@ -398,8 +458,6 @@ impl Client {
     ) -> RegistryError {
         let user = self
             .credentials(host)
-            .ok()
-            .flatten()
             .map(|c| c.username)
             .filter(|u| !u.starts_with('<'));
         let why = match (sent, user) {
@@ -460,7 +518,7 @@ impl Client {
         match challenge {
             None => Ok(None),
             Some(Challenge::Basic) => Ok(self
-                .credentials(host)?
+                .credentials(host)
                 .and_then(|c| HeaderValue::from_str(&c.basic_header()).ok())
                 .map(sensitive)),
             Some(Challenge::Bearer {
@@ -497,6 +555,19 @@ impl Client {
         };
         let mut url = Url::parse(realm)
             .map_err(|_| fail(format!("the token realm {realm:?} is not a URL")))?;
+        let realm_host = url.host_str().unwrap_or("");
+        let plain_ok = self.inner.cfg.plain_http
+            || is_loopback(realm_host)
+            || url.origin()
+                == Url::parse(&format!("http://{host}/"))
+                    .map(|u| u.origin())
+                    .unwrap_or(url.origin());
+        if url.scheme() != "https" && !(url.scheme() == "http" && plain_ok) {
+            return Err(fail(format!(
+                "refusing the token realm {}: credentials go only over https (or plain HTTP to loopback, or when asked)",
+                url.origin().ascii_serialization()
+            )));
+        }
         {
             let mut q = url.query_pairs_mut();
             if let Some(s) = service {
@@ -516,7 +587,7 @@ impl Client {
                 q.append_pair("scope", s);
             }
         }
-        let creds = self.credentials(host)?;
+        let creds = self.credentials(host);
         self.inner
             .stats
             .token_fetches
@@ -535,8 +606,9 @@ impl Client {
                 }
                 Err(e) => {
                     return Err(fail(format!(
-                        "token endpoint {}: {e}",
-                        url.origin().ascii_serialization()
+                        "token endpoint {}: {}",
+                        url.origin().ascii_serialization(),
+                        describe_reqwest(e)
                     )))
                 }
             }
@@ -564,10 +636,12 @@ impl Client {
             access_token: Option<String>,
             expires_in: Option<u64>,
         }
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| fail(format!("reading the token response: {e}")))?;
+        let body = resp.bytes().await.map_err(|e| {
+            fail(format!(
+                "reading the token response: {}",
+                describe_reqwest(e)
+            ))
+        })?;
         let tr: TokenResponse = serde_json::from_slice(&body)
             .map_err(|_| fail("the token endpoint's answer is not a token response".into()))?;
         let value = tr
@@ -576,7 +650,7 @@ impl Client {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| fail("the token endpoint's answer has no token".into()))?;
         // The distribution spec's default lifetime is 60 s.
-        let life = Duration::from_secs(tr.expires_in.unwrap_or(60).max(1));
+        let life = Duration::from_secs(tr.expires_in.unwrap_or(60).max(1)).min(MAX_TOKEN_LIFE);
         Ok(Token {
             value: Secret::new(value),
             expires: Instant::now() + life,
@@ -629,5 +703,38 @@ fn join(base: &Url, path: &str) -> Result<Url, RegistryError> {
 pub(crate) fn header(map: &mut HeaderMap, name: &'static str, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         map.insert(HeaderName::from_static(name), v);
+    }
+}
+
+/// A reqwest error as text without its URL, with the underlying cause
+/// (e.g. "connection refused").
+pub(crate) fn describe_reqwest(e: reqwest::Error) -> String {
+    let timeout = e.is_timeout();
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(cause) = src {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+        src = cause.source();
+    }
+    if timeout && !text.contains("timed out") {
+        text.push_str(" (timed out)");
+    }
+    text
+}
+
+/// A URL for logs: no user info, no query.
+pub(crate) fn redact(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(u) => format!(
+            "{}{}",
+            u.origin().ascii_serialization(),
+            u.path().trim_end_matches('/')
+        ),
+        Err(_) => "<unparsable URL>".into(),
     }
 }

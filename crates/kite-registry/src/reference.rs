@@ -74,6 +74,12 @@ impl Reference {
             _ if name.contains('/') => (DOCKER_HUB.to_string(), name.to_string()),
             _ => (DOCKER_HUB.to_string(), format!("library/{name}")),
         };
+        // `docker.io/debian` is `docker.io/library/debian`, as for docker.
+        let repository = if registry == DOCKER_HUB && !repository.contains('/') {
+            format!("library/{repository}")
+        } else {
+            repository
+        };
         let repo_ok = !repository.is_empty()
             && repository.split('/').all(|c| {
                 !c.is_empty()
@@ -190,6 +196,9 @@ mod tests {
         assert_eq!(r.manifest_ref(), "latest");
         assert_eq!(r.api_host(), "registry-1.docker.io");
         assert!(!is_loopback(r.api_host()));
+
+        let r = Reference::parse("docker.io/debian:12").unwrap();
+        assert_eq!(r.repository, "library/debian");
 
         let r = Reference::parse("ghcr.io/org/img:1.2-rc.3").unwrap();
         assert_eq!(

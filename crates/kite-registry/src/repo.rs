@@ -109,7 +109,7 @@ impl Repository {
     /// one (never the body otherwise).
     async fn status_error(what: &str, resp: reqwest::Response) -> RegistryError {
         let status = resp.status().as_u16();
-        let body = resp.bytes().await.unwrap_or_default();
+        let body = read_limited(resp, 64 << 10, what).await.unwrap_or_default();
         let detail = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| {
@@ -146,6 +146,7 @@ impl Repository {
                 scopes: self.pull_scope(),
                 what: &what,
                 pull: true,
+                idempotent: true,
             })
             .await?;
         if !resp.status().is_success() {
@@ -200,10 +201,19 @@ impl Repository {
         platform: &Platform,
     ) -> Result<Resolved, RegistryError> {
         let mut want = reference.manifest_ref().to_string();
+        let mut want_size: Option<u64> = None;
         let mut index_digest = None;
         for _depth in 0..4 {
             let (mt, bytes, digest) = self.get_manifest(&want).await?;
             let what = format!("manifest {}@{digest}", self.display());
+            if let Some(size) = want_size {
+                if bytes.len() as u64 != size {
+                    return Err(RegistryError::Invalid {
+                        what,
+                        why: format!("{} bytes, the index says {size}", bytes.len()),
+                    });
+                }
+            }
             if mt == media::OCI_INDEX || mt == media::DOCKER_LIST {
                 let idx: ImageIndex =
                     serde_json::from_slice(&bytes).map_err(|e| RegistryError::Invalid {
@@ -228,8 +238,20 @@ impl Repository {
                         ),
                     }
                 })?;
+                let ok = pick.digest.strip_prefix("sha256:").is_some_and(|h| {
+                    h.len() == 64
+                        && h.bytes()
+                            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                });
+                if !ok {
+                    return Err(RegistryError::Invalid {
+                        what: format!("image index {}@{digest}", self.display()),
+                        why: format!("entry {:?} is not a sha256 digest", pick.digest),
+                    });
+                }
                 index_digest.get_or_insert(digest);
                 want = pick.digest.clone();
+                want_size = Some(pick.size);
                 continue;
             }
             if mt != media::OCI_MANIFEST && mt != media::DOCKER_MANIFEST {
@@ -273,6 +295,7 @@ impl Repository {
                 scopes: self.push_scope(),
                 what: &what,
                 pull: false,
+                idempotent: true,
             })
             .await?;
         match resp.status() {
@@ -314,6 +337,7 @@ impl Repository {
                     scopes: self.pull_scope(),
                     what: &what,
                     pull: true,
+                    idempotent: true,
                 })
                 .await?;
             let status = resp.status();
@@ -380,6 +404,7 @@ impl Repository {
                     scopes: self.pull_scope(),
                     what: &what,
                     pull: true,
+                    idempotent: true,
                 })
                 .await?;
             let status = resp.status();
@@ -451,6 +476,7 @@ impl Repository {
                                 ),
                             });
                         }
+                        let e = crate::client::describe_reqwest(e);
                         tracing::info!(blob = %digest, at = got, "blob download interrupted ({e}); resuming");
                         tokio::time::sleep(self.client.backoff(failures - 1)).await;
                         continue 'outer;
@@ -477,7 +503,7 @@ impl Repository {
                 why: format!("{} bytes is more than the {max} allowed", desc.size),
             });
         }
-        let mut buf = Vec::with_capacity(desc.size as usize);
+        let mut buf = Vec::with_capacity(desc.size.min(64 << 20) as usize);
         self.download(desc, |c| {
             buf.extend_from_slice(&c);
             std::future::ready(true)
@@ -500,17 +526,29 @@ impl Repository {
         }
         let mut attempt = 0;
         loop {
-            match self.push_blob_once(desc, file, mount_from).await {
+            let err = match self.push_blob_once(desc, file, mount_from).await {
                 Ok(p) => return Ok(p),
-                Err(e @ RegistryError::Transport { .. })
-                    if attempt < self.client.config().retries =>
-                {
-                    tracing::info!(blob = %desc.digest, "upload failed ({e}); starting it again");
-                    tokio::time::sleep(self.client.backoff(attempt)).await;
-                    attempt += 1;
+                Err(e) => e,
+            };
+            // Transport errors, and a session the registry lost or that is
+            // out of step after a partial send (404, 416): the blob may
+            // even be complete (a lost answer to the final PUT).
+            let restartable = match &err {
+                RegistryError::Transport { .. } => true,
+                RegistryError::Status { status, .. } => {
+                    matches!(status, 404 | 416 | 500 | 502 | 503 | 504)
                 }
-                Err(e) => return Err(e),
+                _ => false,
+            };
+            if !restartable || attempt >= self.client.config().retries {
+                return Err(err);
             }
+            if let Ok(true) = self.blob_exists(&desc.digest).await {
+                return Ok(Pushed::Uploaded { requests: 0 });
+            }
+            tracing::info!(blob = %desc.digest, "upload failed ({err}); starting it again");
+            tokio::time::sleep(self.client.backoff(attempt)).await;
+            attempt += 1;
         }
     }
 
@@ -524,6 +562,19 @@ impl Repository {
         let what = format!("upload of blob {digest} to {}", self.display());
         let mut location = None;
         for from in mount_from.iter().filter(|f| *f != &self.name) {
+            let valid = !from.is_empty()
+                && from.split('/').all(|c| {
+                    !c.is_empty()
+                        && c.bytes().all(|b| {
+                            b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)
+                        })
+                });
+            if !valid {
+                return Err(RegistryError::BadReference {
+                    reference: from.clone(),
+                    why: "not a repository name to mount from".into(),
+                });
+            }
             let mut scopes = self.push_scope();
             scopes.push(format!("repository:{from}:pull"));
             let resp = self
@@ -538,6 +589,7 @@ impl Repository {
                     scopes,
                     what: &what,
                     pull: false,
+                    idempotent: true,
                 })
                 .await?;
             match resp.status() {
@@ -567,6 +619,7 @@ impl Repository {
                         scopes: self.push_scope(),
                         what: &what,
                         pull: false,
+                        idempotent: true,
                     })
                     .await?;
                 if resp.status() != StatusCode::ACCEPTED {
@@ -576,23 +629,30 @@ impl Repository {
             }
         };
         let chunk = self.client.config().upload_chunk.max(1);
-        let read = |start: u64, len: u64| -> Result<Bytes, RegistryError> {
-            use std::os::unix::fs::FileExt;
-            let f = std::fs::File::open(file).map_err(|e| RegistryError::Io {
-                what: file.display().to_string(),
-                source: e,
-            })?;
-            let mut buf = vec![0u8; len as usize];
-            f.read_exact_at(&mut buf, start)
-                .map_err(|e| RegistryError::Io {
-                    what: file.display().to_string(),
-                    source: e,
-                })?;
-            Ok(Bytes::from(buf))
+        let read = |start: u64, len: u64| {
+            let path = file.to_path_buf();
+            async move {
+                tokio::task::spawn_blocking(move || -> Result<Bytes, RegistryError> {
+                    use std::os::unix::fs::FileExt;
+                    let io = |e| RegistryError::Io {
+                        what: path.display().to_string(),
+                        source: e,
+                    };
+                    let f = std::fs::File::open(&path).map_err(io)?;
+                    let mut buf = vec![0u8; len as usize];
+                    f.read_exact_at(&mut buf, start).map_err(io)?;
+                    Ok(Bytes::from(buf))
+                })
+                .await
+                .map_err(|e| RegistryError::Transport {
+                    what: "reading a blob to upload".into(),
+                    why: e.to_string(),
+                })?
+            }
         };
         let mut requests = 0;
         let final_body = if desc.size <= chunk {
-            Some(read(0, desc.size)?)
+            Some(read(0, desc.size).await?)
         } else {
             let mut off = 0;
             while off < desc.size {
@@ -609,7 +669,7 @@ impl Repository {
                         &location,
                         Method::PATCH,
                         headers,
-                        Some(read(off, len)?),
+                        Some(read(off, len).await?),
                         &what,
                     )
                     .await?;
@@ -669,6 +729,7 @@ impl Repository {
                     scopes: self.push_scope(),
                     what,
                     pull: false,
+                    idempotent: false,
                 },
             )
             .await
@@ -706,6 +767,7 @@ impl Repository {
                 scopes: self.push_scope(),
                 what: &what,
                 pull: false,
+                idempotent: true,
             })
             .await?;
         if resp.status() != StatusCode::CREATED {
@@ -731,14 +793,14 @@ impl Repository {
 /// The first manifest of an index matching `want` (descriptors without a
 /// platform match anything).
 pub fn choose_platform<'a>(idx: &'a ImageIndex, want: &Platform) -> Option<&'a Descriptor> {
-    idx.manifests.iter().find(|d| match &d.platform {
-        Some(p) => {
+    let exact = idx.manifests.iter().find(|d| {
+        d.platform.as_ref().is_some_and(|p| {
             p.os == want.os
                 && p.architecture == want.architecture
                 && (want.variant.is_none() || p.variant == want.variant)
-        }
-        None => true,
-    })
+        })
+    });
+    exact.or_else(|| idx.manifests.iter().find(|d| d.platform.is_none()))
 }
 
 fn content_range_start(h: &HeaderMap) -> Option<u64> {
@@ -769,9 +831,57 @@ async fn read_limited(
             Err(e) => {
                 return Err(RegistryError::Transport {
                     what: what.to_string(),
-                    why: format!("reading the body: {e}"),
+                    why: format!("reading the body: {}", crate::client::describe_reqwest(e)),
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(digest: &str, platform: Option<&str>) -> Descriptor {
+        Descriptor {
+            media_type: media::OCI_MANIFEST.into(),
+            digest: digest.into(),
+            size: 1,
+            platform: platform.map(|p| Platform::parse(p).unwrap()),
+            annotations: Default::default(),
+            artifact_type: None,
+        }
+    }
+
+    #[test]
+    fn platform_choice_prefers_an_exact_match() {
+        let idx = ImageIndex {
+            schema_version: 2,
+            media_type: None,
+            manifests: vec![
+                desc("sha256:none", None),
+                desc("sha256:arm", Some("linux/arm64")),
+                desc("sha256:amd", Some("linux/amd64")),
+            ],
+            annotations: Default::default(),
+        };
+        let amd = Platform::parse("linux/amd64").unwrap();
+        let riscv = Platform::parse("linux/riscv64").unwrap();
+        assert_eq!(choose_platform(&idx, &amd).unwrap().digest, "sha256:amd");
+        assert_eq!(choose_platform(&idx, &riscv).unwrap().digest, "sha256:none");
+        let only = ImageIndex {
+            manifests: vec![desc("sha256:arm", Some("linux/arm64"))],
+            ..idx
+        };
+        assert!(choose_platform(&only, &amd).is_none());
+    }
+
+    #[test]
+    fn content_range_parsing() {
+        let mut h = HeaderMap::new();
+        header(&mut h, "content-range", "bytes 100-199/1000");
+        assert_eq!(content_range_start(&h), Some(100));
+        header(&mut h, "content-range", "bytes */1000");
+        assert_eq!(content_range_start(&h), None);
     }
 }

@@ -32,8 +32,10 @@ pub async fn daemon(a: DaemonArgs, registry: kite_registry::ClientConfig) -> Res
             })?,
         ),
     };
+    // Each attempt gets a third of a fetch's deadline, so a stalled
+    // connection leaves time for a retry or the next mirror.
     let mut registry = registry;
-    registry.timeout = Duration::from_secs(a.fetch_timeout.max(1));
+    registry.timeout = Duration::from_secs((a.fetch_timeout / 3).max(1));
     let cfg = DaemonConfig {
         cache_dir: a.cache_dir,
         socket: a.socket,

@@ -62,7 +62,10 @@ pub fn parse_mirrors(specs: &[String]) -> Result<HashMap<String, Vec<String>>> {
 /// The password from stdin when asked (the trailing newline dropped).
 pub fn read_password(username: Option<&str>, from_stdin: bool) -> Result<Option<String>> {
     match (username, from_stdin) {
-        (_, false) => Ok(None),
+        (None, false) => Ok(None),
+        (Some(_), false) => bail!(
+            "--username needs --password-stdin (the password is never taken from the command line)"
+        ),
         (None, true) => bail!("--password-stdin needs --username"),
         (Some(_), true) => {
             let mut p = String::new();

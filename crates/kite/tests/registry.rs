@@ -376,6 +376,10 @@ fn basic_auth_docker_config_and_wrong_credentials() {
     let img = d.join("src");
     py("ocigen.py", &["example", img.to_str().unwrap()]);
     let target = format!("{}/src/example:v1", reg.addr);
+    // No docker config anywhere unless a step asks for one.
+    let no_cfg = d.join("no-docker-config");
+    std::fs::create_dir_all(&no_cfg).unwrap();
+    let no_cfg = no_cfg.to_str().unwrap().to_string();
     let push = |pw: &str| {
         kite_with(
             &[
@@ -386,7 +390,11 @@ fn basic_auth_docker_config_and_wrong_credentials() {
                 "alice",
                 "--password-stdin",
             ],
-            &[("HOME", d.to_str().unwrap()), ("DOCKER_CONFIG", "")],
+            &[
+                ("HOME", d.to_str().unwrap()),
+                ("DOCKER_CONFIG", no_cfg.as_str()),
+                ("KITE_LOG", "kite_registry=debug"),
+            ],
             Some(pw),
         )
     };
@@ -407,7 +415,7 @@ fn basic_auth_docker_config_and_wrong_credentials() {
     // No credentials at all: says what to do.
     let o = kite_with(
         &["push", img.to_str().unwrap(), &target],
-        &[("HOME", d.to_str().unwrap())],
+        &[("HOME", d.to_str().unwrap()), ("DOCKER_CONFIG", &no_cfg)],
         None,
     );
     assert!(stderr(&o).contains("needs credentials"), "{}", stderr(&o));
@@ -500,6 +508,31 @@ fn mirrors_are_tried_in_order_then_the_origin() {
         "convert with a mirror list",
     );
     assert!(proxy.state.blob_body_bytes.load(Ordering::Relaxed) > 0);
+
+    // A mirror that refuses us (basic auth, no credentials for it): the
+    // origin is used.
+    let locked = Registry::start(&d.join("locked"), Some(("bob", "pw")));
+    let out = d.join("conv3");
+    let o = kite_with(
+        &[
+            "convert",
+            "--quiet",
+            "--from",
+            &from,
+            "--to",
+            out.to_str().unwrap(),
+            "--mirror",
+            &format!("{}=http://{}", reg.addr, locked.addr),
+        ],
+        &[
+            ("KITE_LOG", "kite_registry=info"),
+            ("DOCKER_CONFIG", d.to_str().unwrap()),
+        ],
+        None,
+    );
+    let err = stderr(&o);
+    ok(o, "convert with a mirror that refuses us");
+    assert!(err.contains("mirror failed"), "{err}");
 }
 
 /// Every regular file under `root` with its content.
