@@ -150,6 +150,10 @@ pub struct BlobState {
     pub timeout: Duration,
     /// Chunks to fetch ahead when a miss follows a fetched chunk (0 = off).
     pub readahead: usize,
+    /// Chunks some registered image's files reference (None: all). A layer
+    /// blob also holds chunks of files a later layer deleted or replaced;
+    /// nobody reads those, so they must not keep the blob "incomplete".
+    needed: Mutex<Option<Vec<bool>>>,
 }
 
 impl BlobState {
@@ -176,7 +180,39 @@ impl BlobState {
             corrupt_chunks: AtomicU64::new(0),
             timeout,
             readahead: 0,
+            needed: Mutex::new(None),
         }
+    }
+
+    /// Add the chunks an image references to the needed set (the union
+    /// over the images using this blob).
+    pub fn add_needed(&self, chunks: &[usize]) {
+        if let Ok(mut n) = self.needed.lock() {
+            let set = n.get_or_insert_with(|| vec![false; self.chunks.len()]);
+            for &i in chunks {
+                if let Some(b) = set.get_mut(i) {
+                    *b = true;
+                }
+            }
+        }
+    }
+
+    /// Whether every chunk a registered image can read is on disk: the
+    /// blob file can then be read without the daemon.
+    pub fn is_complete_for_mounts(&self) -> bool {
+        if self.is_complete() {
+            return true;
+        }
+        let Ok(needed) = self.needed.lock() else {
+            return false;
+        };
+        let Some(needed) = needed.as_ref() else {
+            return false;
+        };
+        let Ok(fetched) = self.fetched.lock() else {
+            return false;
+        };
+        needed.iter().zip(fetched.iter()).all(|(n, f)| !n || *f)
     }
 
     /// Chunk indexes whose padded extents intersect `[off, off + len)`.

@@ -177,6 +177,15 @@ impl FanotifyPath {
         let mut by_digest = self.by_digest.lock().map_err(|_| DaemonError::Poisoned)?;
         if let Some(f) = by_digest.get(&blob.digest) {
             if Arc::ptr_eq(&f.blob, blob) {
+                // Another image may need chunks the first did not: watch
+                // the file again if so.
+                if !blob.is_complete_for_mounts() && !f.marked.swap(true, Ordering::SeqCst) {
+                    if let Err(e) = self.group.mark(&f.path) {
+                        f.marked.store(false, Ordering::SeqCst);
+                        return Err(e.into());
+                    }
+                    tracing::info!(blob = %blob.digest, "blob file watched again: a new image needs chunks not on disk");
+                }
                 return Ok(Arc::clone(f));
             }
             // Registered again after being forgotten: the file on disk is
@@ -213,7 +222,7 @@ impl FanotifyPath {
             marked: AtomicBool::new(false),
             events: AtomicU64::new(0),
         });
-        if !blob.is_complete() {
+        if !blob.is_complete_for_mounts() {
             self.group.mark(&path)?;
             bf.marked.store(true, Ordering::SeqCst);
         }
@@ -298,7 +307,7 @@ impl FanotifyPath {
                 let _ = ev.answer(Ok(()));
                 // Readahead may have fetched the last chunk with no event
                 // waiting on it: finish the blob here.
-                if bf.blob.is_complete() {
+                if bf.blob.is_complete_for_mounts() {
                     let me = Arc::clone(self);
                     let bf = Arc::clone(&bf);
                     tokio::task::spawn_blocking(move || me.complete(&bf));
@@ -330,7 +339,7 @@ impl FanotifyPath {
                 match r {
                     Ok(()) => {
                         let _ = ev.answer(Ok(()));
-                        if bf.blob.is_complete() {
+                        if bf.blob.is_complete_for_mounts() {
                             let _ = tokio::task::spawn_blocking(move || me.complete(&bf)).await;
                         }
                     }
@@ -455,7 +464,7 @@ impl FanotifyPath {
                 .lock()
                 .ok()
                 .and_then(|r| r.image(&fsid))
-                .map(|img| img.blobs.iter().all(|b| b.is_complete()))
+                .map(|img| img.blobs.iter().all(|b| b.is_complete_for_mounts()))
                 .unwrap_or(false);
             if complete {
                 continue;

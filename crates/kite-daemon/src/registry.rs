@@ -89,6 +89,17 @@ impl Registry {
             };
             blobs.push(state);
         }
+        // What the image's files can read, per blob (device-table order).
+        match referenced_chunks(&parsed) {
+            Ok(per_blob) => {
+                for (b, refs) in blobs.iter().zip(per_blob) {
+                    b.add_needed(&refs);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(fsid = %fsid, "could not list the chunks the image references ({e}); its blobs complete only when every chunk is fetched")
+            }
+        }
         let img = Arc::new(Image {
             fsid: fsid.clone(),
             bootstrap: Arc::new(bootstrap),
@@ -137,4 +148,31 @@ impl Registry {
     pub fn state_dir(&self) -> Option<&Path> {
         self.state_dir.as_deref()
     }
+}
+
+/// For each blob (device-table order), the chunk indexes that the image's
+/// regular files point at.
+fn referenced_chunks(bs: &Bootstrap<'_>) -> Result<Vec<Vec<usize>>, String> {
+    let views: Vec<_> = bs.index.blobs().collect();
+    let mut out = vec![Vec::new(); views.len()];
+    let mut f = |_: &[u8], inode: &kite_erofs::Inode| -> Result<(), kite_erofs::ErofsError> {
+        if !inode.is_reg() || inode.chunk_bits().is_none() {
+            return Ok(());
+        }
+        for ci in bs.erofs.chunk_indexes(inode)? {
+            if ci.device_id == 0 || ci.blkaddr == kite_erofs::ondisk::NULL_ADDR {
+                continue;
+            }
+            let b = usize::from(ci.device_id - 1);
+            if let Some(view) = views.get(b) {
+                let off = u64::from(ci.blkaddr) * kite_erofs::BLOCK_SIZE as u64;
+                if let Some((i, _)) = bs.index.find_chunk(view, off) {
+                    out[b].push(i);
+                }
+            }
+        }
+        Ok(())
+    };
+    bs.erofs.walk(&mut f).map_err(|e| e.to_string())?;
+    Ok(out)
 }

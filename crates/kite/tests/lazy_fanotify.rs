@@ -415,6 +415,42 @@ fn complete_blob_raises_no_event_after_drop_caches() {
 }
 
 #[test]
+fn chunks_of_deleted_files_do_not_keep_a_blob_watched() {
+    let test = "chunks_of_deleted_files_do_not_keep_a_blob_watched";
+    if !require(test, fanotify_path()) {
+        return;
+    }
+    // The full image deletes and replaces files of lower layers, so its
+    // lower blobs hold chunks no file of the merged tree points at.
+    let dir = tempdir();
+    let img = dir.path().join("img");
+    py("ocigen.py", &["full", img.to_str().unwrap(), "--no-sparse"]);
+    let conv = dir.path().join("conv");
+    convert(&format!("oci:{}", img.display()), &conv, &[]);
+    let d = Daemon::start(dir.path(), &[]);
+    let m = d.mount(&conv, &dir.path().join("mnt"), &[]);
+    let first = read_all(&m.mnt);
+    let st = d.status();
+    let blobs = st["images"][0]["blobs"].as_array().unwrap().clone();
+    assert!(
+        blobs.iter().any(|b| b["fetched_chunks"].as_u64() < b["chunks"].as_u64()),
+        "every chunk was read: the image has no unreferenced chunks, so this test shows nothing: {blobs:?}"
+    );
+    // Every referenced chunk is on disk: the marks are gone, and reads
+    // after drop_caches raise no event.
+    std::thread::sleep(Duration::from_millis(300));
+    let events = d.blob_sum("events");
+    drop_caches();
+    assert_eq!(read_all(&m.mnt), first);
+    assert_eq!(
+        d.blob_sum("events"),
+        events,
+        "a blob with only unreferenced chunks missing is still watched"
+    );
+    m.umount();
+}
+
+#[test]
 fn bootstraps_are_locked_in_memory_while_mounted_within_the_budget() {
     if !require(
         "bootstraps_are_locked_in_memory_while_mounted_within_the_budget",
