@@ -154,6 +154,8 @@ pub struct BlobState {
     /// blob also holds chunks of files a later layer deleted or replaced;
     /// nobody reads those, so they must not keep the blob "incomplete".
     needed: Mutex<Option<Vec<bool>>>,
+    /// The largest chunk: the image's chunk size, in practice.
+    full_chunk: u32,
 }
 
 impl BlobState {
@@ -166,6 +168,11 @@ impl BlobState {
         timeout: Duration,
     ) -> Self {
         let n = chunks.len();
+        let chunks_max = chunks
+            .iter()
+            .map(|c| c.uncompressed_size)
+            .max()
+            .unwrap_or(0);
         Self {
             digest,
             uncompressed_size,
@@ -181,7 +188,15 @@ impl BlobState {
             timeout,
             readahead: 0,
             needed: Mutex::new(None),
+            full_chunk: chunks_max,
         }
+    }
+
+    /// Whether chunk `i` is a full-size chunk (so most likely not the last
+    /// chunk of its file). Small files' chunks never are.
+    fn is_full(&self, i: usize) -> bool {
+        self.full_chunk >= 64 << 10
+            && self.chunks.get(i).map(|c| c.uncompressed_size) == Some(self.full_chunk)
     }
 
     /// Add the chunks an image references to the needed set (the union
@@ -405,6 +420,27 @@ impl BlobState {
                             {
                                 to_fetch.push(i);
                             }
+                        }
+                    } else if self.is_full(last) {
+                        // A miss inside a large file (a full-size chunk),
+                        // e.g. a page fault in a mapped library: fetch the
+                        // next chunks of that file too, up to the readahead
+                        // and up to its tail (the first short chunk), so a
+                        // run of faults costs one round trip, not one each.
+                        let mut i = last + 1;
+                        let mut added = 0;
+                        while i < self.chunks.len() && added < self.readahead {
+                            if !fetched[i]
+                                && !inflight.contains_key(&(i, target))
+                                && !to_fetch.contains(&i)
+                            {
+                                to_fetch.push(i);
+                                added += 1;
+                            }
+                            if !self.is_full(i) {
+                                break;
+                            }
+                            i += 1;
                         }
                     }
                 }

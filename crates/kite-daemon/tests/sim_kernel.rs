@@ -417,26 +417,40 @@ async fn adjacent_chunks_in_one_batch_are_one_request() {
 }
 
 #[tokio::test]
-async fn sequential_misses_read_ahead_random_ones_do_not() {
+async fn readahead_follows_large_files_and_sequential_runs_not_small_files() {
     let f = fixture();
     let (_, kernel, backend) = setup_with(&f, backend(&f.conv), 1);
     let blob = open(&kernel, 1, 1, &f.blob.hex());
     settle().await;
-    // A first miss in chunk 0: no chunk before it was fetched, no readahead.
-    read(&kernel, 2, 1, 0, 4096);
+    // Chunks: 0-2 are the 3 MiB file "big" (full 1 MiB chunks), 3 is the
+    // 5-byte file "small". A miss in the small file fetches just it.
+    read(&kernel, 2, 1, 3 << 20, 4096);
     blob.wait_completed(2).await;
     settle().await;
     assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
     assert!(
-        blob.read(1 << 20, 4096).is_none(),
-        "random miss must not read ahead"
+        blob.read(2 << 20, 4096).is_none(),
+        "a small file's miss read ahead"
     );
-    // A miss in chunk 1 right after chunk 0: chunk 2 comes along, in the
-    // same request.
-    read(&kernel, 3, 1, 1 << 20, 4096);
+    // A miss at the start of the large file (nothing before it fetched):
+    // the next chunk of that file comes along, in the same request.
+    read(&kernel, 3, 1, 0, 4096);
     blob.wait_completed(3).await;
     settle().await;
     assert_eq!(backend.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        blob.read(1 << 20, 1 << 20).unwrap(),
+        f.raw[1 << 20..2 << 20]
+    );
+    assert!(
+        blob.read(2 << 20, 4096).is_none(),
+        "read beyond the readahead"
+    );
+    // A miss right after fetched chunks (sequential): fetched, one request.
+    read(&kernel, 4, 1, 2 << 20, 4096);
+    blob.wait_completed(4).await;
+    settle().await;
+    assert_eq!(backend.calls.load(Ordering::SeqCst), 3);
     assert_eq!(
         blob.read(2 << 20, 1 << 20).unwrap(),
         f.raw[2 << 20..3 << 20]
