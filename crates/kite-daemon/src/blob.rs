@@ -125,6 +125,13 @@ fn with_decoder<T>(
     })
 }
 
+/// Small-file misses this close in time and in chunk index form a burst.
+const BURST_WINDOW: Duration = Duration::from_millis(500);
+const BURST_DISTANCE: usize = 256;
+/// What a burst miss fetches along: following small chunks, up to these.
+const BURST_MAX_CHUNKS: usize = 64;
+const BURST_MAX_BYTES: u64 = 512 << 10;
+
 /// How far the readahead window of a long sequential scan may grow, as a
 /// multiple of the configured readahead.
 const READAHEAD_GROWTH: usize = 8;
@@ -156,6 +163,8 @@ pub struct BlobState {
     needed: Mutex<Option<Vec<bool>>>,
     /// The largest chunk: the image's chunk size, in practice.
     full_chunk: u32,
+    /// When and where the last non-sequential small-file miss was.
+    last_small_miss: Mutex<Option<(std::time::Instant, usize)>>,
 }
 
 impl BlobState {
@@ -189,7 +198,22 @@ impl BlobState {
             readahead: 0,
             needed: Mutex::new(None),
             full_chunk: chunks_max,
+            last_small_miss: Mutex::new(None),
         }
+    }
+
+    /// Record a non-sequential miss on a small file's chunk `at`; true if
+    /// it continues a burst (another such miss nearby, moments ago).
+    fn small_burst(&self, at: usize) -> bool {
+        let Ok(mut last) = self.last_small_miss.lock() else {
+            return false;
+        };
+        let now = std::time::Instant::now();
+        let burst = last.is_some_and(|(t, c)| {
+            now.duration_since(t) < BURST_WINDOW && at.abs_diff(c) <= BURST_DISTANCE
+        });
+        *last = Some((now, at));
+        burst
     }
 
     /// Whether chunk `i` is a full-size chunk (so most likely not the last
@@ -420,6 +444,28 @@ impl BlobState {
                             {
                                 to_fetch.push(i);
                             }
+                        }
+                    } else if !self.is_full(last) && self.small_burst(last) {
+                        // A burst of misses on small files near each other
+                        // (an interpreter importing a package): fetch the
+                        // small files that follow in the same request, so
+                        // the next imports are hits. One isolated small
+                        // read still fetches just its chunk.
+                        let mut bytes = 0u64;
+                        let mut i = last + 1;
+                        while i < self.chunks.len()
+                            && i <= last + BURST_MAX_CHUNKS
+                            && bytes < BURST_MAX_BYTES
+                            && !self.is_full(i)
+                        {
+                            if !fetched[i]
+                                && !inflight.contains_key(&(i, target))
+                                && !to_fetch.contains(&i)
+                            {
+                                to_fetch.push(i);
+                                bytes += u64::from(self.chunks[i].compressed_size);
+                            }
+                            i += 1;
                         }
                     } else if self.is_full(last) {
                         // A miss inside a large file (a full-size chunk),

@@ -190,6 +190,47 @@ struct Fixture {
     raw: Vec<u8>,
 }
 
+/// A one-layer image of 20 small files f00..f19 (one 4 KiB-aligned chunk
+/// each, at i * 4096 in the blob).
+fn fixture_small_files() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    for i in 0..20u8 {
+        std::fs::write(
+            src.join(format!("f{i:02}")),
+            vec![b'a' + i; 1000 + usize::from(i)],
+        )
+        .unwrap();
+    }
+    let conv = dir.path().join("conv");
+    kite_convert::convert(
+        &kite_convert::Source::Dir(src),
+        &conv,
+        &kite_convert::ConvertOptions::default(),
+        &kite_convert::NoProgress,
+    )
+    .unwrap();
+    let bootstrap = std::fs::read(conv.join("bootstrap")).unwrap();
+    let bs = kite_format::Bootstrap::parse(&bootstrap).unwrap();
+    let blob = bs.index.blob(0).record.digest;
+    let raw_path = dir.path().join("raw");
+    kite_convert::inspect::unpack(
+        &bootstrap,
+        &conv.join("blobs/sha256").join(blob.hex()),
+        &raw_path,
+    )
+    .unwrap();
+    let raw = std::fs::read(&raw_path).unwrap();
+    Fixture {
+        _dir: dir,
+        conv,
+        bootstrap,
+        blob,
+        raw,
+    }
+}
+
 /// A one-layer image with a 3 MiB file (3 chunks of 1 MiB) and a small file.
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
@@ -455,6 +496,38 @@ async fn readahead_follows_large_files_and_sequential_runs_not_small_files() {
         blob.read(2 << 20, 1 << 20).unwrap(),
         f.raw[2 << 20..3 << 20]
     );
+}
+
+#[tokio::test]
+async fn a_burst_of_small_file_misses_fetches_the_next_small_files_along() {
+    let f = fixture_small_files();
+    let (_, kernel, backend) = setup_with(&f, backend(&f.conv), 4);
+    let blob = open(&kernel, 1, 1, &f.blob.hex());
+    settle().await;
+    // One isolated small read: just its chunk.
+    read(&kernel, 2, 1, 2 * 4096, 100);
+    blob.wait_completed(2).await;
+    settle().await;
+    assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
+    assert!(
+        blob.read(3 * 4096, 100).is_none(),
+        "an isolated small read fetched more"
+    );
+    // A second miss nearby, right after: a burst. The following small
+    // files come in the same request.
+    read(&kernel, 3, 1, 10 * 4096, 100);
+    blob.wait_completed(3).await;
+    settle().await;
+    assert_eq!(backend.calls.load(Ordering::SeqCst), 2);
+    for i in 11..20u64 {
+        let at = i as usize * 4096;
+        assert_eq!(
+            blob.read(i * 4096, 1000).unwrap(),
+            f.raw[at..at + 1000],
+            "file f{i:02} not fetched along"
+        );
+    }
+    assert!(blob.read(5 * 4096, 100).is_none(), "fetched backwards");
 }
 
 #[tokio::test]

@@ -206,11 +206,24 @@ fn registry_conversion_resumes_after_the_registry_is_killed() {
         &["big", "--size-gb", "0.25", "--compression", "gzip"],
         &format!("{}/src/big:v1", reg.addr),
     );
-    let layer_bytes: u64 = std::fs::read_dir(src.join("blobs/sha256"))
+    // Layer sizes in download order (the converter reads them in order).
+    let json = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let index = json(src.join("index.json"));
+    let mdigest = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest = json(src.join("blobs/sha256").join(&mdigest[7..]));
+    let sizes: Vec<u64> = manifest["layers"]
+        .as_array()
         .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .filter(|n| *n > 4096)
-        .sum();
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .collect();
+    let layer_bytes: u64 = sizes.iter().sum();
+    // Kill point: the middle of the largest layer, so a download is in
+    // flight then (between layers the converter may be busy, not reading).
+    let largest = (0..sizes.len()).max_by_key(|&i| sizes[i]).unwrap();
+    let kill_at = sizes[..largest].iter().sum::<u64>() + sizes[largest] / 2;
     let proxy = Proxy::start(&reg.addr);
     proxy.state.throttle.store(true, Ordering::Relaxed);
     let out_dir = d.join("conv");
@@ -229,9 +242,8 @@ fn registry_conversion_resumes_after_the_registry_is_killed() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    // Kill the registry a third of the way through the layers.
     let t = Instant::now();
-    while proxy.state.blob_body_bytes.load(Ordering::Relaxed) < layer_bytes / 3 {
+    while proxy.state.blob_body_bytes.load(Ordering::Relaxed) < kill_at {
         assert!(
             t.elapsed() < Duration::from_secs(120),
             "download did not progress"
