@@ -132,6 +132,9 @@ const BURST_DISTANCE: usize = 256;
 const BURST_MAX_CHUNKS: usize = 64;
 const BURST_MAX_BYTES: u64 = 512 << 10;
 
+/// Most chunks one readahead window spans (small files).
+const WINDOW_MAX_CHUNKS: usize = 256;
+
 /// How far the readahead window of a long sequential scan may grow, as a
 /// multiple of the configured readahead.
 const READAHEAD_GROWTH: usize = 8;
@@ -342,6 +345,26 @@ impl BlobState {
         self.readahead.max(run)
     }
 
+    /// The (exclusive) end of the readahead window after chunk `last` for
+    /// a reader whose run ends at `run_at`: `window` chunks, and at least
+    /// as many bytes as that many full-size chunks, so a sequential pass
+    /// over small files fetches as far ahead as one over a large file (at
+    /// most [`WINDOW_MAX_CHUNKS`] chunks).
+    fn window_end(&self, fetched: &[bool], last: usize, run_at: usize) -> usize {
+        let n = self.window(fetched, run_at);
+        let want_bytes = n as u64 * u64::from(self.full_chunk);
+        let (mut i, mut count, mut bytes) = (last + 1, 0usize, 0u64);
+        while i < self.chunks.len()
+            && count < WINDOW_MAX_CHUNKS
+            && (count < n || bytes < want_bytes)
+        {
+            bytes += u64::from(self.chunks[i].uncompressed_size);
+            count += 1;
+            i += 1;
+        }
+        i
+    }
+
     /// Keep a sequential reader's window full: the reader is at `at` (data
     /// present), so start fetching the chunks after it that are neither
     /// present nor in flight, up to `readahead` ahead. Nothing waits on
@@ -363,7 +386,7 @@ impl BlobState {
             let Ok(fetched) = self.fetched.lock() else {
                 return;
             };
-            let end = (at + 1 + self.window(&fetched, at)).min(self.chunks.len());
+            let end = self.window_end(&fetched, at, at);
             (at + 1..end)
                 .filter(|&i| !fetched[i] && !inflight.contains_key(&(i, object.target())))
                 .collect()
@@ -436,7 +459,7 @@ impl BlobState {
                         && (fetched.get(first - 1) == Some(&true)
                             || inflight.contains_key(&(first - 1, target)));
                     if sequential {
-                        let end = (last + 1 + self.window(&fetched, first)).min(self.chunks.len());
+                        let end = self.window_end(&fetched, last, first);
                         for (i, done) in fetched.iter().enumerate().take(end).skip(last + 1) {
                             if !done
                                 && !inflight.contains_key(&(i, target))

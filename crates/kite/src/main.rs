@@ -349,6 +349,7 @@ fn run(cli: Cli) -> Result<()> {
                     &plat,
                     &registry,
                     rt.handle(),
+                    quiet,
                 ))?
             } else {
                 Source::parse(&from)?

@@ -167,6 +167,7 @@ pub async fn remote_source(
     platform: &Platform,
     args: &RegistryArgs,
     rt: &tokio::runtime::Handle,
+    quiet: bool,
 ) -> Result<Source> {
     let reference = Reference::parse(from)?;
     let client = args.client(&reference)?;
@@ -175,11 +176,13 @@ pub async fn remote_source(
         .resolve(&reference, platform)
         .await
         .with_context(|| format!("resolving {reference}"))?;
-    eprintln!(
-        "resolved {reference} to {} ({} layers)",
-        resolved.digest,
-        resolved.manifest.layers.len()
-    );
+    if !quiet {
+        eprintln!(
+            "resolved {reference} to {} ({} layers)",
+            resolved.digest,
+            resolved.manifest.layers.len()
+        );
+    }
     Ok(Source::Remote(Box::new(RemoteImage {
         reference: reference.to_string(),
         manifest_digest: resolved.digest,
