@@ -276,6 +276,21 @@ fn run(
         },
         Dir(PathBuf),
     }
+    // A tar layer of a manifest, read from `input`.
+    let tar_layer = |d: &kite_oci::Descriptor, input: Input| -> Result<L, ConvertError> {
+        let compression = kite_oci::layer_compression(&d.media_type).ok_or_else(|| {
+            ConvertError::LayerMediaType {
+                layer: d.digest.clone(),
+                media_type: d.media_type.clone(),
+            }
+        })?;
+        Ok(L::Tar {
+            input,
+            digest: d.digest.clone(),
+            size: d.size,
+            compression,
+        })
+    };
     let layers: Vec<L> = match source {
         Source::Oci { path, tag } => {
             let layout = Layout::open(path)?;
@@ -284,18 +299,7 @@ fn run(
             source_ref = tag.clone();
             let mut v = Vec::new();
             for d in &resolved.manifest.layers {
-                let compression = kite_oci::layer_compression(&d.media_type).ok_or_else(|| {
-                    ConvertError::LayerMediaType {
-                        layer: d.digest.clone(),
-                        media_type: d.media_type.clone(),
-                    }
-                })?;
-                v.push(L::Tar {
-                    input: Input::File(layout.blob_path(&d.digest)?),
-                    digest: d.digest.clone(),
-                    size: d.size,
-                    compression,
-                });
+                v.push(tar_layer(d, Input::File(layout.blob_path(&d.digest)?))?);
             }
             v
         }
@@ -305,18 +309,8 @@ fn run(
             source_ref = Some(r.reference.clone());
             let mut v = Vec::new();
             for d in &r.manifest.layers {
-                let compression = kite_oci::layer_compression(&d.media_type).ok_or_else(|| {
-                    ConvertError::LayerMediaType {
-                        layer: d.digest.clone(),
-                        media_type: d.media_type.clone(),
-                    }
-                })?;
-                v.push(L::Tar {
-                    input: Input::Remote(std::sync::Arc::clone(&r.opener), Box::new(d.clone())),
-                    digest: d.digest.clone(),
-                    size: d.size,
-                    compression,
-                });
+                let input = Input::Remote(std::sync::Arc::clone(&r.opener), Box::new(d.clone()));
+                v.push(tar_layer(d, input)?);
             }
             v
         }

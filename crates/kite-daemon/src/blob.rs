@@ -17,7 +17,7 @@
 //! away does not abort a fetch others wait for.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -164,6 +164,10 @@ pub struct BlobState {
     /// blob also holds chunks of files a later layer deleted or replaced;
     /// nobody reads those, so they must not keep the blob "incomplete".
     needed: Mutex<Option<Vec<bool>>>,
+    /// Needed chunks not yet fetched (usize::MAX while `needed` is None,
+    /// i.e. every chunk counts), kept so the completeness check on every
+    /// fanotify event is a load, not a scan.
+    needed_missing: AtomicUsize,
     /// The largest chunk: the image's chunk size, in practice.
     full_chunk: u32,
     /// When and where the last non-sequential small-file miss was.
@@ -200,6 +204,7 @@ impl BlobState {
             timeout,
             readahead: 0,
             needed: Mutex::new(None),
+            needed_missing: AtomicUsize::new(usize::MAX),
             full_chunk: chunks_max,
             last_small_miss: Mutex::new(None),
         }
@@ -229,6 +234,10 @@ impl BlobState {
     /// Add the chunks an image references to the needed set (the union
     /// over the images using this blob).
     pub fn add_needed(&self, chunks: &[usize]) {
+        // Lock order: fetched, then needed (as in mark_fetched).
+        let Ok(fetched) = self.fetched.lock() else {
+            return;
+        };
         if let Ok(mut n) = self.needed.lock() {
             let set = n.get_or_insert_with(|| vec![false; self.chunks.len()]);
             for &i in chunks {
@@ -236,25 +245,23 @@ impl BlobState {
                     *b = true;
                 }
             }
+            self.recount_needed_missing(set, &fetched);
         }
+    }
+
+    fn recount_needed_missing(&self, needed: &[bool], fetched: &[bool]) {
+        let missing = needed
+            .iter()
+            .zip(fetched)
+            .filter(|(n, f)| **n && !**f)
+            .count();
+        self.needed_missing.store(missing, Ordering::Relaxed);
     }
 
     /// Whether every chunk a registered image can read is on disk: the
     /// blob file can then be read without the daemon.
     pub fn is_complete_for_mounts(&self) -> bool {
-        if self.is_complete() {
-            return true;
-        }
-        let Ok(needed) = self.needed.lock() else {
-            return false;
-        };
-        let Some(needed) = needed.as_ref() else {
-            return false;
-        };
-        let Ok(fetched) = self.fetched.lock() else {
-            return false;
-        };
-        needed.iter().zip(fetched.iter()).all(|(n, f)| !n || *f)
+        self.is_complete() || self.needed_missing.load(Ordering::Relaxed) == 0
     }
 
     /// Chunk indexes whose padded extents intersect `[off, off + len)`.
@@ -298,6 +305,11 @@ impl BlobState {
                     .sum();
                 self.fetched_chunks.store(n, Ordering::Relaxed);
                 self.fetched_bytes.store(bytes, Ordering::Relaxed);
+                if let Ok(needed) = self.needed.lock() {
+                    if let Some(set) = needed.as_ref() {
+                        self.recount_needed_missing(set, &f);
+                    }
+                }
             }
         }
     }
@@ -677,6 +689,11 @@ impl BlobState {
                 self.fetched_chunks.fetch_add(1, Ordering::Relaxed);
                 self.fetched_bytes
                     .fetch_add(self.chunks[i].uncompressed_size as u64, Ordering::Relaxed);
+                if let Ok(needed) = self.needed.lock() {
+                    if needed.as_ref().and_then(|n| n.get(i)) == Some(&true) {
+                        self.needed_missing.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
             }
         }
     }

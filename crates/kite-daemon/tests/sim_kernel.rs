@@ -190,19 +190,13 @@ struct Fixture {
     raw: Vec<u8>,
 }
 
-/// A one-layer image of 20 small files f00..f19 (one 4 KiB-aligned chunk
-/// each, at i * 4096 in the blob).
-fn fixture_small_files() -> Fixture {
+/// Convert the files `write` puts in a source directory into a one-layer
+/// image, and unpack its blob's uncompressed layout.
+fn fixture_of(write: impl FnOnce(&std::path::Path)) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     std::fs::create_dir(&src).unwrap();
-    for i in 0..20u8 {
-        std::fs::write(
-            src.join(format!("f{i:02}")),
-            vec![b'a' + i; 1000 + usize::from(i)],
-        )
-        .unwrap();
-    }
+    write(&src);
     let conv = dir.path().join("conv");
     kite_convert::convert(
         &kite_convert::Source::Dir(src),
@@ -231,49 +225,36 @@ fn fixture_small_files() -> Fixture {
     }
 }
 
+/// A one-layer image of 20 small files f00..f19 (one 4 KiB-aligned chunk
+/// each, at i * 4096 in the blob).
+fn fixture_small_files() -> Fixture {
+    fixture_of(|src| {
+        for i in 0..20u8 {
+            std::fs::write(
+                src.join(format!("f{i:02}")),
+                vec![b'a' + i; 1000 + usize::from(i)],
+            )
+            .unwrap();
+        }
+    })
+}
+
 /// A one-layer image with a 3 MiB file (3 chunks of 1 MiB) and a small file.
 fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src");
-    std::fs::create_dir(&src).unwrap();
-    // xorshift64: no period within the file, so no chunk dedups away.
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let big: Vec<u8> = (0..3u32 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8 & 0x3f
-        })
-        .collect();
-    std::fs::write(src.join("big"), &big).unwrap();
-    std::fs::write(src.join("small"), b"hello").unwrap();
-    let conv = dir.path().join("conv");
-    kite_convert::convert(
-        &kite_convert::Source::Dir(src),
-        &conv,
-        &kite_convert::ConvertOptions::default(),
-        &kite_convert::NoProgress,
-    )
-    .unwrap();
-    let bootstrap = std::fs::read(conv.join("bootstrap")).unwrap();
-    let bs = kite_format::Bootstrap::parse(&bootstrap).unwrap();
-    let blob = bs.index.blob(0).record.digest;
-    let raw_path = dir.path().join("raw");
-    kite_convert::inspect::unpack(
-        &bootstrap,
-        &conv.join("blobs/sha256").join(blob.hex()),
-        &raw_path,
-    )
-    .unwrap();
-    let raw = std::fs::read(&raw_path).unwrap();
-    Fixture {
-        _dir: dir,
-        conv,
-        bootstrap,
-        blob,
-        raw,
-    }
+    fixture_of(|src| {
+        // xorshift64: no period within the file, so no chunk dedups away.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let big: Vec<u8> = (0..3u32 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8 & 0x3f
+            })
+            .collect();
+        std::fs::write(src.join("big"), &big).unwrap();
+        std::fs::write(src.join("small"), b"hello").unwrap();
+    })
 }
 
 fn setup(f: &Fixture, backend: TestBackend) -> (Arc<Daemon>, Arc<SimKernel>, Arc<TestBackend>) {

@@ -283,6 +283,30 @@ impl Repository {
         format!("/v2/{}/blobs/{digest}", self.name)
     }
 
+    /// GET a blob (mirrors first), with an optional `Range` header value.
+    async fn get_blob(
+        &self,
+        digest: &str,
+        range: Option<String>,
+        what: &str,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let mut headers = HeaderMap::new();
+        if let Some(r) = range {
+            header(&mut headers, "range", &r);
+        }
+        self.run(Op {
+            method: Method::GET,
+            path: self.blob_path(digest),
+            headers,
+            body: None,
+            scopes: self.pull_scope(),
+            what,
+            pull: true,
+            idempotent: true,
+        })
+        .await
+    }
+
     /// Is the blob in this repository? (HEAD)
     pub async fn blob_exists(&self, digest: &str) -> Result<bool, RegistryError> {
         let what = format!("blob {digest} in {}", self.display());
@@ -322,23 +346,12 @@ impl Repository {
         }
         let mut attempt = 0;
         loop {
-            let mut headers = HeaderMap::new();
-            header(
-                &mut headers,
-                "range",
-                &format!("bytes={}-{}", range.start, range.end - 1),
-            );
             let resp = self
-                .run(Op {
-                    method: Method::GET,
-                    path: self.blob_path(digest),
-                    headers,
-                    body: None,
-                    scopes: self.pull_scope(),
-                    what: &what,
-                    pull: true,
-                    idempotent: true,
-                })
+                .get_blob(
+                    digest,
+                    Some(format!("bytes={}-{}", range.start, range.end - 1)),
+                    &what,
+                )
                 .await?;
             let status = resp.status();
             if status != StatusCode::PARTIAL_CONTENT {
@@ -391,22 +404,8 @@ impl Repository {
         let mut hasher = Sha256::new();
         let mut failures = 0u32;
         'outer: loop {
-            let mut headers = HeaderMap::new();
-            if got > 0 {
-                header(&mut headers, "range", &format!("bytes={got}-"));
-            }
-            let mut resp = self
-                .run(Op {
-                    method: Method::GET,
-                    path: self.blob_path(digest),
-                    headers,
-                    body: None,
-                    scopes: self.pull_scope(),
-                    what: &what,
-                    pull: true,
-                    idempotent: true,
-                })
-                .await?;
+            let range = (got > 0).then(|| format!("bytes={got}-"));
+            let mut resp = self.get_blob(digest, range, &what).await?;
             let status = resp.status();
             // Bytes of this response to drop before the new ones.
             let mut skip = 0u64;

@@ -8,7 +8,6 @@
 //! EROFS; skipped loudly elsewhere, a failure in CI.
 
 mod util;
-use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -22,26 +21,6 @@ fn example(dir: &Path) -> PathBuf {
     let conv = dir.join("conv");
     convert(&format!("oci:{}", img.display()), &conv, &[]);
     conv
-}
-
-/// Every regular file under `root`, with its content.
-fn read_all(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            let ft = e.file_type().unwrap();
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_file() {
-                let data = std::fs::read(e.path())
-                    .unwrap_or_else(|err| panic!("reading {}: {err}", e.path().display()));
-                out.insert(e.path().strip_prefix(root).unwrap().to_path_buf(), data);
-            }
-        }
-    }
-    out
 }
 
 /// The same image mounted with all blobs unpacked locally (the reference).

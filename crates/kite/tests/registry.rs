@@ -12,7 +12,6 @@
 //! a failure in CI.
 
 mod util;
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -547,23 +546,22 @@ fn mirrors_are_tried_in_order_then_the_origin() {
     assert!(err.contains("mirror failed"), "{err}");
 }
 
-/// Every regular file under `root` with its content.
-fn read_all(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let e = e.unwrap();
-            let ft = e.file_type().unwrap();
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_file() {
-                let data = std::fs::read(e.path()).unwrap();
-                out.insert(e.path().strip_prefix(root).unwrap().to_path_buf(), data);
-            }
-        }
-    }
-    out
+/// Generate an image with ocigen `args` (its output path added), convert
+/// it, and push the kite image to `reference`. Returns (source layout,
+/// converted dir, pinned reference).
+fn convert_and_push(d: &Path, args: &[&str], reference: &str) -> (PathBuf, PathBuf, String) {
+    let img = d.join("src");
+    let mut a = args.to_vec();
+    let img_s = img.to_str().unwrap().to_string();
+    a.insert(1, &img_s);
+    py("ocigen.py", &a);
+    let conv = d.join("conv");
+    convert(&format!("oci:{}", img.display()), &conv, &[]);
+    let out = ok(
+        kite_with(&["push", conv.to_str().unwrap(), reference], &[], None),
+        "push",
+    );
+    (img, conv, pinned_of(&out))
 }
 
 fn start_daemon(dir: &Path) -> Daemon {
@@ -605,22 +603,11 @@ fn mount_by_tag_and_by_digest_reads_everything() {
         return;
     };
     let d = dir.path();
-    let img = d.join("src");
-    py("ocigen.py", &["full", img.to_str().unwrap(), "--no-sparse"]);
-    let conv = d.join("conv");
-    convert(&format!("oci:{}", img.display()), &conv, &[]);
-    let pinned = pinned_of(&ok(
-        kite_with(
-            &[
-                "push",
-                conv.to_str().unwrap(),
-                &format!("{}/kite/full:v1", reg.addr),
-            ],
-            &[],
-            None,
-        ),
-        "push",
-    ));
+    let (img, _, pinned) = convert_and_push(
+        d,
+        &["full", "--no-sparse"],
+        &format!("{}/kite/full:v1", reg.addr),
+    );
     let daemon = start_daemon(&d.join("daemon"));
     let mnt = d.join("mnt");
     let o = mount_ref(&daemon, &format!("{}/kite/full:v1", reg.addr), &mnt);
@@ -661,22 +648,12 @@ fn range_fetch_reads_one_small_file_with_a_tiny_fraction_of_the_image() {
         return;
     };
     let d = dir.path();
-    let img = d.join("src");
-    py(
-        "ocigen.py",
-        &["big", img.to_str().unwrap(), "--size-gb", "0.3"],
-    );
-    let conv = d.join("conv");
-    convert(&format!("oci:{}", img.display()), &conv, &[]);
+    let reference = format!("{}/kite/big:v1", reg.addr);
+    let (_, conv, _) = convert_and_push(d, &["big", "--size-gb", "0.3"], &reference);
     let image_bytes: u64 = std::fs::read_dir(conv.join("blobs/sha256"))
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum();
-    let reference = format!("{}/kite/big:v1", reg.addr);
-    ok(
-        kite_with(&["push", conv.to_str().unwrap(), &reference], &[], None),
-        "push",
-    );
     let served_before = reg.blob_bytes_served();
     let daemon = start_daemon(&d.join("daemon"));
     let mnt = d.join("mnt");
@@ -713,15 +690,8 @@ fn a_corrupt_bootstrap_in_the_registry_is_refused() {
         return;
     };
     let d = dir.path();
-    let img = d.join("src");
-    py("ocigen.py", &["example", img.to_str().unwrap()]);
-    let conv = d.join("conv");
-    convert(&format!("oci:{}", img.display()), &conv, &[]);
     let reference = format!("{}/kite/example:v1", reg.addr);
-    ok(
-        kite_with(&["push", conv.to_str().unwrap(), &reference], &[], None),
-        "push",
-    );
+    let (_, conv, _) = convert_and_push(d, &["example"], &reference);
     let boot = format!(
         "sha256:{}",
         hex_sha256(&std::fs::read(conv.join("bootstrap")).unwrap())

@@ -11,6 +11,7 @@
 pub mod daemon;
 pub mod registry;
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -213,4 +214,24 @@ pub fn assert_tree_matches_reference(what: &str, mnt: &Path, image_ref: &str, di
         String::from_utf8_lossy(&diff.stdout),
         String::from_utf8_lossy(&diff.stderr)
     );
+}
+
+/// Every regular file under `root`, with its content.
+pub fn read_all(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                let data = std::fs::read(e.path())
+                    .unwrap_or_else(|err| panic!("reading {}: {err}", e.path().display()));
+                out.insert(e.path().strip_prefix(root).unwrap().to_path_buf(), data);
+            }
+        }
+    }
+    out
 }
