@@ -19,6 +19,7 @@ mod dirsrc;
 pub mod inspect;
 mod layer;
 mod output;
+pub mod profile;
 pub mod tarstream;
 pub mod tree;
 
@@ -70,6 +71,8 @@ pub enum ConvertError {
     Format(#[from] FormatError),
     #[error("source {0:?} is not oci:PATH[:TAG] or dir:PATH")]
     BadSource(String),
+    #[error("prefetch profile: {0}")]
+    Profile(String),
     #[error("internal error: {0}")]
     Internal(&'static str),
 }

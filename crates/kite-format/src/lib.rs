@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod index;
+pub mod prefetch;
 
 use std::fmt;
 

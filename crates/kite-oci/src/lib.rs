@@ -41,6 +41,8 @@ pub mod media {
     pub const KITE_CONFIG: &str = "application/vnd.kite.image.config.v1+json";
     pub const KITE_BOOTSTRAP: &str = "application/vnd.kite.bootstrap.v1.erofs";
     pub const KITE_BLOB: &str = "application/vnd.kite.blob.v1.chunked-zstd";
+    /// A prefetch profile (`kite_format::prefetch`); at most one per image.
+    pub const KITE_PREFETCH: &str = "application/vnd.kite.prefetch.v1";
 }
 
 /// Annotation on a kite manifest naming the source image's manifest digest.
@@ -438,7 +440,10 @@ pub fn write_layout_index(root: &Path, manifest: Descriptor) -> Result<(), OciEr
         what: "index.json".into(),
         source,
     })?;
-    fs::write(&path, data).map_err(io_err(&path))
+    // Readers of the layout never see a half-written index.
+    let tmp = root.join(".index.json.tmp");
+    fs::write(&tmp, data).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io_err(&path))
 }
 
 #[cfg(test)]

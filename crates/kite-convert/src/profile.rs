@@ -1,0 +1,204 @@
+//! Attaching a prefetch profile to a converted image directory.
+//!
+//! The profile (`kite_format::prefetch`) is written as a blob, linked as
+//! `prefetch` beside `bootstrap`, and listed in a new kite manifest as one
+//! more layer (media type `KITE_PREFETCH`), replacing any earlier profile;
+//! `kite push` then publishes it with the image. The blobs and bootstrap
+//! are untouched, so the bootstrap digest (the fsid) stays the same.
+
+use std::fs;
+use std::path::Path;
+
+use kite_format::prefetch::Profile;
+use kite_format::{Bootstrap, Digest};
+use kite_oci::{media, Descriptor, Layout, Manifest};
+
+use crate::{ConvertError, BOOTSTRAP_NAME};
+
+/// File name of the profile in a kite image directory.
+pub const PREFETCH_NAME: &str = "prefetch";
+
+/// Check `profile` against the directory's bootstrap and attach it.
+/// Returns the new manifest digest.
+pub fn attach_profile(dir: &Path, profile: &Profile) -> Result<String, ConvertError> {
+    let boot_path = dir.join(BOOTSTRAP_NAME);
+    let boot = fs::read(&boot_path).map_err(|e| ConvertError::io(&boot_path, e))?;
+    let parsed = Bootstrap::parse(&boot)?;
+    let boot_digest = Digest::of(&boot);
+    profile
+        .check(&boot_digest, &parsed)
+        .map_err(|e| ConvertError::Profile(e.to_string()))?;
+
+    let layout = Layout::open(dir)?;
+    let index = layout.index()?;
+    let [desc] = index.manifests.as_slice() else {
+        return Err(ConvertError::Profile(format!(
+            "{} holds {} manifests; a kite image directory holds one",
+            dir.display(),
+            index.manifests.len()
+        )));
+    };
+    let bytes = layout.read_verified(desc, "kite manifest")?;
+    let mut manifest: Manifest = serde_json::from_slice(&bytes)
+        .map_err(|e| ConvertError::Profile(format!("kite manifest {}: {e}", desc.digest)))?;
+    if manifest.config.media_type != media::KITE_CONFIG
+        || !manifest
+            .layers
+            .iter()
+            .any(|l| l.media_type == media::KITE_BOOTSTRAP && l.digest == boot_digest.oci())
+    {
+        return Err(ConvertError::Profile(format!(
+            "manifest {} is not the kite manifest of bootstrap {}",
+            desc.digest,
+            boot_digest.oci()
+        )));
+    }
+
+    let data = profile.encode();
+    let digest = kite_oci::write_blob(dir, &data)?;
+    // The `prefetch` file: a copy renamed into place (a hard link to the
+    // blob would do, but a copy survives someone editing blobs/ by hand).
+    let link = dir.join(PREFETCH_NAME);
+    let tmp = dir.join(format!(".{PREFETCH_NAME}.tmp"));
+    fs::write(&tmp, &data).map_err(|e| ConvertError::io(&tmp, e))?;
+    fs::rename(&tmp, &link).map_err(|e| ConvertError::io(&link, e))?;
+
+    manifest
+        .layers
+        .retain(|l| l.media_type != media::KITE_PREFETCH);
+    manifest.layers.push(Descriptor {
+        media_type: media::KITE_PREFETCH.into(),
+        digest,
+        size: data.len() as u64,
+        platform: None,
+        annotations: Default::default(),
+        artifact_type: None,
+    });
+    let manifest_bytes = serde_json::to_vec_pretty(&manifest)
+        .map_err(|_| ConvertError::Internal("manifest JSON"))?;
+    let manifest_digest = kite_oci::write_blob(dir, &manifest_bytes)?;
+    let mut new_desc = desc.clone();
+    new_desc.digest = manifest_digest.clone();
+    new_desc.size = manifest_bytes.len() as u64;
+    kite_oci::write_layout_index(dir, new_desc)?;
+    // The old manifest is no longer referenced.
+    if desc.digest != manifest_digest {
+        if let Ok(old) = layout.blob_path(&desc.digest) {
+            let _ = fs::remove_file(old);
+        }
+    }
+    Ok(manifest_digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kite_format::prefetch::Entry;
+
+    fn converted() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("a"), vec![7u8; 9000]).unwrap();
+        fs::write(src.join("b"), b"bee").unwrap();
+        let out = dir.path().join("conv");
+        crate::convert(
+            &crate::Source::Dir(src),
+            &out,
+            &crate::ConvertOptions::default(),
+            &crate::NoProgress,
+        )
+        .unwrap();
+        (dir, out)
+    }
+
+    fn manifest_of(dir: &Path) -> (String, Manifest) {
+        let layout = Layout::open(dir).unwrap();
+        let desc = layout.index().unwrap().manifests[0].clone();
+        let bytes = layout.read_verified(&desc, "manifest").unwrap();
+        (desc.digest, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[test]
+    fn attaching_replaces_the_profile_layer_and_keeps_the_bootstrap() {
+        let (_t, dir) = converted();
+        let boot = fs::read(dir.join(BOOTSTRAP_NAME)).unwrap();
+        let (old_digest, old) = manifest_of(&dir);
+        let mut p = Profile {
+            bootstrap: Digest::of(&boot),
+            entries: vec![Entry { blob: 0, chunk: 1 }, Entry { blob: 0, chunk: 0 }],
+        };
+        let d1 = attach_profile(&dir, &p).unwrap();
+        let (digest, m) = manifest_of(&dir);
+        assert_eq!(digest, d1);
+        assert_ne!(digest, old_digest);
+        assert_eq!(m.layers.len(), old.layers.len() + 1);
+        let pf: Vec<_> = m
+            .layers
+            .iter()
+            .filter(|l| l.media_type == media::KITE_PREFETCH)
+            .collect();
+        assert_eq!(pf.len(), 1);
+        let stored = Layout::open(&dir)
+            .unwrap()
+            .read_verified(pf[0], "profile")
+            .unwrap();
+        assert_eq!(Profile::decode(&stored).unwrap(), p);
+        assert_eq!(fs::read(dir.join(PREFETCH_NAME)).unwrap(), stored);
+        assert_eq!(fs::read(dir.join(BOOTSTRAP_NAME)).unwrap(), boot);
+        assert!(
+            !Layout::open(&dir)
+                .unwrap()
+                .blob_path(&old_digest)
+                .unwrap()
+                .exists(),
+            "the replaced manifest was left behind"
+        );
+        // A second profile replaces the first: still one profile layer.
+        p.entries.truncate(1);
+        attach_profile(&dir, &p).unwrap();
+        let (_, m) = manifest_of(&dir);
+        let pf: Vec<_> = m
+            .layers
+            .iter()
+            .filter(|l| l.media_type == media::KITE_PREFETCH)
+            .collect();
+        assert_eq!(pf.len(), 1);
+        assert_eq!(pf[0].size, 48 + 8);
+    }
+
+    #[test]
+    fn a_profile_that_does_not_fit_the_bootstrap_changes_nothing() {
+        let (_t, dir) = converted();
+        let boot = fs::read(dir.join(BOOTSTRAP_NAME)).unwrap();
+        let before = manifest_of(&dir).0;
+        let cases = [
+            Profile {
+                bootstrap: Digest::of(b"another image"),
+                entries: vec![Entry { blob: 0, chunk: 0 }],
+            },
+            Profile {
+                bootstrap: Digest::of(&boot),
+                entries: vec![Entry { blob: 3, chunk: 0 }],
+            },
+            Profile {
+                bootstrap: Digest::of(&boot),
+                entries: vec![Entry {
+                    blob: 0,
+                    chunk: 999,
+                }],
+            },
+            Profile {
+                bootstrap: Digest::of(&boot),
+                entries: vec![Entry { blob: 0, chunk: 0 }, Entry { blob: 0, chunk: 0 }],
+            },
+        ];
+        let wants = ["not this one", "blob index 3", "chunk 999", "listed twice"];
+        for (p, want) in cases.iter().zip(wants) {
+            let e = attach_profile(&dir, p).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+            assert_eq!(manifest_of(&dir).0, before);
+            assert!(!dir.join(PREFETCH_NAME).exists());
+        }
+    }
+}
