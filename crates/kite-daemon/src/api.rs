@@ -18,6 +18,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use kite_format::prefetch::Profile;
 use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -49,6 +50,9 @@ pub struct RegisterRequest {
     /// descriptor, and fetches chunks from the registry with Range GETs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageRef>,
+    /// With `bootstrap`: a prefetch profile file to fetch ahead of readers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<PathBuf>,
 }
 
 /// A registry image to register.
@@ -67,6 +71,9 @@ pub struct ImageRef {
     pub username: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// Ignore the image's prefetch profile, if it has one.
+    #[serde(default)]
+    pub no_prefetch: bool,
 }
 
 impl std::fmt::Debug for ImageRef {
@@ -77,6 +84,7 @@ impl std::fmt::Debug for ImageRef {
             .field("platform", &self.platform)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("no_prefetch", &self.no_prefetch)
             .finish()
     }
 }
@@ -96,6 +104,17 @@ pub struct RegisterResponse {
     /// Registry images: the reference pinned to the manifest digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned: Option<String>,
+    /// Chunks queued for prefetching from the image's profile (0: none).
+    #[serde(default)]
+    pub prefetch_chunks: usize,
+}
+
+/// What the kernel has read of an image so far (`GET
+/// /v1/images/<fsid>/profile`): (blob index, chunk) in first-read order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccessProfile {
+    pub fsid: String,
+    pub entries: Vec<(u32, u32)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,6 +129,9 @@ pub struct BlobStatus {
     pub backend: String,
     pub backend_requests: u64,
     pub backend_bytes: u64,
+    /// Chunks fetched ahead of readers from a prefetch profile.
+    #[serde(default)]
+    pub prefetched_chunks: u64,
     /// fanotify path: pre-content events raised for this blob's file.
     #[serde(default)]
     pub events: u64,
@@ -195,6 +217,7 @@ pub fn images_status(
                     backend: b.backend.describe(),
                     backend_requests: b.backend.counters().requests.load(Ordering::Relaxed),
                     backend_bytes: b.backend.counters().bytes.load(Ordering::Relaxed),
+                    prefetched_chunks: b.prefetched_chunks.load(Ordering::Relaxed),
                     events: fan.map(|f| f.blob_events(&b.digest)).unwrap_or(0),
                 })
                 .collect(),
@@ -240,6 +263,23 @@ async fn handle(
                     Ok(resp) => json(StatusCode::OK, &resp),
                     Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
                 },
+            }
+        }
+        (Method::GET, p) if p.starts_with("/v1/images/") && p.ends_with("/profile") => {
+            let fsid = &p["/v1/images/".len()..p.len() - "/profile".len()];
+            let img = ctx.daemon.registry.lock().ok().and_then(|r| r.image(fsid));
+            match img {
+                Some(img) => {
+                    let p = img.access_profile();
+                    json(
+                        StatusCode::OK,
+                        &AccessProfile {
+                            fsid: img.fsid.clone(),
+                            entries: p.entries.iter().map(|e| (e.blob, e.chunk)).collect(),
+                        },
+                    )
+                }
+                None => error(StatusCode::NOT_FOUND, &format!("no image {fsid}")),
             }
         }
         (Method::DELETE, p) if p.starts_with("/v1/images/") => {
@@ -294,7 +334,7 @@ async fn handle(
 async fn fetch_registry_image(
     ctx: &ApiContext,
     r: &ImageRef,
-) -> Result<(Vec<u8>, Arc<dyn Backend>, String), DaemonError> {
+) -> Result<(Vec<u8>, Arc<dyn Backend>, String, Option<Profile>), DaemonError> {
     use kite_oci::media;
     let reference = kite_registry::Reference::parse(&r.reference)?;
     let mut cfg = ctx.registry.clone();
@@ -366,15 +406,58 @@ async fn fetch_registry_image(
         }
     }
     tracing::info!(reference = %r.reference, pinned = %pinned, bootstrap = %boot.digest, "fetched and verified the bootstrap");
+    // The prefetch profile, if the image has one: small, verified against
+    // its descriptor by the client and against the bootstrap here.
+    let profiles: Vec<_> = m
+        .layers
+        .iter()
+        .filter(|d| d.media_type == media::KITE_PREFETCH)
+        .collect();
+    let profile = match profiles.as_slice() {
+        _ if r.no_prefetch => None,
+        [] => None,
+        [desc] => {
+            let data = repo.fetch_blob(desc, 64 << 20).await?;
+            let p = Profile::parse_for(&data, &kite_format::Digest::of(&bytes), &parsed)
+                .map_err(|e| bad(format!("prefetch profile {}: {e}", desc.digest)))?;
+            Some(p)
+        }
+        more => {
+            return Err(bad(format!(
+                "{} prefetch profile layers; a kite image has at most one",
+                more.len()
+            )))
+        }
+    };
     let backend: Arc<dyn Backend> = Arc::new(RegistryBackend::new(repo, ctx.fetch_timeout));
-    Ok((bytes.to_vec(), backend, pinned))
+    Ok((bytes.to_vec(), backend, pinned, profile))
+}
+
+/// A profile file named by a registration, checked against its bootstrap.
+fn read_profile(path: &Path, bootstrap: &[u8]) -> Result<Profile, DaemonError> {
+    let data = std::fs::read(path).map_err(|e| DaemonError::Io {
+        what: format!("reading prefetch profile {}", path.display()),
+        source: e,
+    })?;
+    let parsed =
+        kite_format::Bootstrap::parse(bootstrap).map_err(|e| DaemonError::BadBootstrap {
+            source_name: path.display().to_string(),
+            why: e.to_string(),
+        })?;
+    Profile::parse_for(&data, &kite_format::Digest::of(bootstrap), &parsed)
+        .map_err(|e| DaemonError::Config(format!("prefetch profile {}: {e}", path.display())))
 }
 
 async fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterResponse, DaemonError> {
-    let (bytes, backend, source, pinned) = match (&r.image, &r.bootstrap, &r.backend) {
+    let (bytes, backend, source, pinned, profile) = match (&r.image, &r.bootstrap, &r.backend) {
         (Some(image), None, None) => {
-            let (bytes, backend, pinned) = fetch_registry_image(ctx, image).await?;
-            (bytes, backend, pinned.clone(), Some(pinned))
+            if r.prefetch.is_some() {
+                return Err(DaemonError::Config(
+                    "a registry image brings its own prefetch profile; `prefetch` is for bootstrap files".into(),
+                ));
+            }
+            let (bytes, backend, pinned, profile) = fetch_registry_image(ctx, image).await?;
+            (bytes, backend, pinned.clone(), Some(pinned), profile)
         }
         (None, Some(bootstrap), Some(spec)) => {
             let bytes = std::fs::read(bootstrap).map_err(|e| DaemonError::Io {
@@ -394,7 +477,17 @@ async fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterRespon
                     Arc::new(Http::new(url, ctx.fetch_timeout).map_err(DaemonError::Config)?)
                 }
             };
-            (bytes, backend, bootstrap.display().to_string(), None)
+            let profile = match &r.prefetch {
+                Some(p) => Some(read_profile(p, &bytes)?),
+                None => None,
+            };
+            (
+                bytes,
+                backend,
+                bootstrap.display().to_string(),
+                None,
+                profile,
+            )
         }
         _ => {
             return Err(DaemonError::Config(
@@ -417,11 +510,18 @@ async fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterRespon
         bootstrap_path: None,
         devices: Vec::new(),
         pinned,
+        prefetch_chunks: profile.as_ref().map_or(0, |p| p.entries.len()),
     };
     if let Some(fan) = &ctx.fanotify {
         let files = fan.prepare(&img)?;
         resp.bootstrap_path = Some(files.bootstrap);
         resp.devices = files.devices;
+    }
+    // Queued now, started when the kernel path hands over a cache object
+    // for each blob (cachefiles OPEN; fanotify: the blob's first event).
+    if let Some(p) = &profile {
+        img.queue_prefetch(p);
+        tracing::info!(fsid = %img.fsid, chunks = p.entries.len(), "prefetch profile queued");
     }
     Ok(resp)
 }
@@ -542,6 +642,14 @@ impl Client {
     pub async fn register(&self, req: &RegisterRequest) -> Result<RegisterResponse, DaemonError> {
         let body = serde_json::to_vec(req).map_err(|e| DaemonError::Api(e.to_string()))?;
         let (s, b) = self.call(Method::POST, "/v1/images", Some(body)).await?;
+        Self::decode(s, &b)
+    }
+
+    /// What the kernel has read of image `fsid` so far.
+    pub async fn profile(&self, fsid: &str) -> Result<AccessProfile, DaemonError> {
+        let (s, b) = self
+            .call(Method::GET, &format!("/v1/images/{fsid}/profile"), None)
+            .await?;
         Self::decode(s, &b)
     }
 

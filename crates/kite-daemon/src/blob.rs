@@ -16,7 +16,7 @@
 //! Cancellation: a fetch runs in its own task, so a READ task that goes
 //! away does not abort a fetch others wait for.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -132,6 +132,44 @@ const BURST_DISTANCE: usize = 256;
 const BURST_MAX_CHUNKS: usize = 64;
 const BURST_MAX_BYTES: u64 = 512 << 10;
 
+/// Prefetch (profile) fetches: windows of the queue of at most this many
+/// stored bytes, this many windows in flight, gaps of at most this many
+/// stored bytes between profile chunks fetched too.
+const PREFETCH_WINDOW_BYTES: u64 = 4 << 20;
+const PREFETCH_WINDOWS: usize = 2;
+const PREFETCH_GAP_BYTES: u64 = 32 << 10;
+
+/// Orders first accesses across blobs (a profile interleaves blobs).
+static ACCESS_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Why chunks are being fetched.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// A reader waits for them: speculation may add more, and a remote
+    /// failure is remembered for [`FAILURE_TTL`].
+    Demand,
+    /// Readahead or prefetch: nothing else is added, and a failure is
+    /// forgotten (a later read must not fail because of it).
+    Speculative,
+}
+
+/// Chunks read by the kernel, in the order of their first read.
+#[derive(Default)]
+struct AccessLog {
+    seen: Vec<bool>,
+    order: Vec<(u64, u32)>,
+}
+
+/// Profile chunks waiting for the prefetcher.
+#[derive(Default)]
+struct Prefetch {
+    queue: Vec<usize>,
+    running: bool,
+    /// Chunks some profile lists: reads of them add no speculation (the
+    /// profile already says what comes next).
+    profiled: Vec<bool>,
+}
+
 /// Most chunks one readahead window spans (small files).
 const WINDOW_MAX_CHUNKS: usize = 256;
 
@@ -172,6 +210,10 @@ pub struct BlobState {
     full_chunk: u32,
     /// When and where the last non-sequential small-file miss was.
     last_small_miss: Mutex<Option<(std::time::Instant, usize)>>,
+    access: Mutex<AccessLog>,
+    prefetch: Mutex<Prefetch>,
+    /// Profile chunks the prefetcher found missing and fetched.
+    pub prefetched_chunks: AtomicU64,
 }
 
 impl BlobState {
@@ -207,7 +249,207 @@ impl BlobState {
             needed_missing: AtomicUsize::new(usize::MAX),
             full_chunk: chunks_max,
             last_small_miss: Mutex::new(None),
+            access: Mutex::new(AccessLog::default()),
+            prefetch: Mutex::new(Prefetch::default()),
+            prefetched_chunks: AtomicU64::new(0),
         }
+    }
+
+    /// Record that the kernel read chunks `chunks` (hits included where
+    /// the path sees them): the first read of each is kept, in order, for
+    /// [`BlobState::access_order`].
+    pub fn record_access(&self, chunks: impl IntoIterator<Item = usize>) {
+        let Ok(mut log) = self.access.lock() else {
+            return;
+        };
+        if log.seen.is_empty() {
+            log.seen = vec![false; self.chunks.len()];
+        }
+        for i in chunks {
+            if let Some(false) = log.seen.get(i) {
+                log.seen[i] = true;
+                let seq = ACCESS_SEQ.fetch_add(1, Ordering::Relaxed);
+                log.order.push((seq, i as u32));
+            }
+        }
+    }
+
+    /// First reads so far: (global sequence number, chunk), in order.
+    pub fn access_order(&self) -> Vec<(u64, u32)> {
+        self.access
+            .lock()
+            .map(|l| l.order.clone())
+            .unwrap_or_default()
+    }
+
+    /// Queue profile chunks (in profile order) for prefetching; they are
+    /// fetched once a cache object for this blob is available
+    /// ([`BlobState::object_available`]).
+    pub fn queue_prefetch(&self, chunks: &[usize]) {
+        if chunks.is_empty() {
+            return;
+        }
+        if let Ok(mut p) = self.prefetch.lock() {
+            if p.profiled.is_empty() {
+                p.profiled = vec![false; self.chunks.len()];
+            }
+            for &i in chunks {
+                if let Some(b) = p.profiled.get_mut(i) {
+                    *b = true;
+                    p.queue.push(i);
+                }
+            }
+        }
+    }
+
+    fn is_profiled(&self, i: usize) -> bool {
+        self.prefetch
+            .lock()
+            .map(|p| p.profiled.get(i).copied().unwrap_or(false))
+            .unwrap_or(false)
+    }
+
+    /// A cache object for this blob can be written now (the kernel opened
+    /// it, or an event handed the daemon a file to fill): start the
+    /// prefetcher if profile chunks are queued. `object` is only built if
+    /// so.
+    pub fn object_available(
+        self: &Arc<Self>,
+        object: impl FnOnce() -> Arc<dyn CacheObject>,
+        merge_bound: u64,
+    ) {
+        let queue = {
+            let Ok(mut p) = self.prefetch.lock() else {
+                return;
+            };
+            if p.running || p.queue.is_empty() {
+                return;
+            }
+            p.running = true;
+            std::mem::take(&mut p.queue)
+        };
+        let me = Arc::clone(self);
+        let object = object();
+        tokio::spawn(async move { me.run_prefetch(queue, object, merge_bound).await });
+    }
+
+    /// Fetch `queue` roughly in order: a window of the next missing chunks
+    /// (up to [`PREFETCH_WINDOW_BYTES`] stored bytes) is sorted by position
+    /// and the small gaps between its chunks are filled, so neighbouring
+    /// small files become one range request; [`PREFETCH_WINDOWS`] windows
+    /// are in flight. Then any chunks queued meanwhile.
+    async fn run_prefetch(
+        self: Arc<Self>,
+        mut queue: Vec<usize>,
+        object: Arc<dyn CacheObject>,
+        merge_bound: u64,
+    ) {
+        let started = std::time::Instant::now();
+        let (mut asked, mut failed) = (0usize, 0usize);
+        loop {
+            let mut in_flight: VecDeque<Waits> = VecDeque::new();
+            let mut k = 0;
+            while k < queue.len() {
+                let mut window: Vec<usize> = Vec::new();
+                let mut bytes = 0u64;
+                while k < queue.len()
+                    && window.len() < WINDOW_MAX_CHUNKS * 4
+                    && bytes < PREFETCH_WINDOW_BYTES
+                {
+                    let i = queue[k];
+                    if !self.is_fetched(i) {
+                        window.push(i);
+                        bytes += u64::from(self.chunks[i].compressed_size);
+                    }
+                    k += 1;
+                }
+                if window.is_empty() {
+                    continue;
+                }
+                let window = self.fill_small_gaps(window);
+                asked += window.len();
+                match self.start_inner(&window, &object, merge_bound, Why::Speculative) {
+                    Ok(w) => in_flight.push_back(w),
+                    Err(e) => {
+                        tracing::warn!(blob = %self.digest, "prefetch stopped: {e}");
+                        break;
+                    }
+                }
+                while in_flight.len() >= PREFETCH_WINDOWS {
+                    if let Some(w) = in_flight.pop_front() {
+                        failed += self.wait_count_failed(w).await;
+                    }
+                }
+            }
+            for w in in_flight {
+                failed += self.wait_count_failed(w).await;
+            }
+            let more = match self.prefetch.lock() {
+                Ok(mut p) => {
+                    let more = std::mem::take(&mut p.queue);
+                    if more.is_empty() {
+                        p.running = false;
+                    }
+                    more
+                }
+                Err(_) => Vec::new(),
+            };
+            if more.is_empty() {
+                break;
+            }
+            queue = more;
+        }
+        tracing::info!(
+            blob = %self.digest,
+            chunks = asked,
+            failed,
+            secs = started.elapsed().as_secs_f64(),
+            "prefetch done"
+        );
+    }
+
+    /// Sort `window` and add the missing chunks lying in gaps of at most
+    /// [`PREFETCH_GAP_BYTES`] stored bytes between two of its chunks: a few
+    /// bytes more on the wire instead of one more request.
+    fn fill_small_gaps(&self, mut window: Vec<usize>) -> Vec<usize> {
+        window.sort_unstable();
+        window.dedup();
+        let Ok(fetched) = self.fetched.lock() else {
+            return window;
+        };
+        let mut out: Vec<usize> = Vec::with_capacity(window.len());
+        for &i in &window {
+            if let Some(&prev) = out.last() {
+                let (p, c) = (&self.chunks[prev], &self.chunks[i]);
+                let gap = c
+                    .compressed_offset
+                    .saturating_sub(p.compressed_offset + u64::from(p.compressed_size));
+                if i > prev + 1 && gap <= PREFETCH_GAP_BYTES {
+                    out.extend((prev + 1..i).filter(|&j| !fetched[j]));
+                }
+            }
+            out.push(i);
+        }
+        out
+    }
+
+    /// Wait for `waits`; how many failed (prefetch failures are only
+    /// counted: a reader that needs the chunk fetches it again).
+    async fn wait_count_failed(&self, waits: Waits) -> usize {
+        let mut failed = 0;
+        for (i, mut rx) in waits {
+            let ok = matches!(
+                rx.wait_for(|o| o.is_some()).await.map(|v| v.clone()),
+                Ok(Some(Ok(())))
+            );
+            if ok {
+                self.prefetched_chunks.fetch_add(1, Ordering::Relaxed);
+            } else {
+                failed += 1;
+                tracing::debug!(blob = %self.digest, chunk = i, "prefetch of a chunk failed");
+            }
+        }
+        failed
     }
 
     /// Record a non-sequential miss on a small file's chunk `at`; true if
@@ -387,7 +629,7 @@ impl BlobState {
         object: &Arc<dyn CacheObject>,
         merge_bound: u64,
     ) {
-        if self.readahead == 0 {
+        if self.readahead == 0 || self.is_profiled(at) {
             return;
         }
         let next: Vec<usize> = {
@@ -404,7 +646,7 @@ impl BlobState {
                 .collect()
         };
         if !next.is_empty() {
-            if let Err(e) = self.start_inner(&next, object, merge_bound, false) {
+            if let Err(e) = self.start_inner(&next, object, merge_bound, Why::Speculative) {
                 tracing::debug!(blob = %self.digest, "readahead: {e}");
             }
         }
@@ -421,7 +663,7 @@ impl BlobState {
         object: &Arc<dyn CacheObject>,
         merge_bound: u64,
     ) -> Result<Waits, String> {
-        self.start_inner(want, object, merge_bound, true)
+        self.start_inner(want, object, merge_bound, Why::Demand)
     }
 
     fn start_inner(
@@ -429,7 +671,7 @@ impl BlobState {
         want: &[usize],
         object: &Arc<dyn CacheObject>,
         merge_bound: u64,
-        extend_readahead: bool,
+        why: Why,
     ) -> Result<Waits, String> {
         let target = object.target();
         let mut waits: Waits = Vec::new();
@@ -463,7 +705,9 @@ impl BlobState {
             to_fetch.sort_unstable();
             to_fetch.dedup();
             // Sequential readahead: a miss right after a fetched chunk.
-            if extend_readahead && self.readahead > 0 {
+            // A profiled chunk: the prefetcher knows what comes next.
+            let profiled = want.iter().max().is_some_and(|&l| self.is_profiled(l));
+            if why == Why::Demand && self.readahead > 0 && !profiled {
                 if let (Some(&first), Some(&last)) = (want.iter().min(), want.iter().max()) {
                     // Lock order: failed, inflight, fetched (no copy of the map).
                     let fetched = self.fetched.lock().map_err(|_| poisoned())?;
@@ -554,7 +798,7 @@ impl BlobState {
                     if asked {
                         waits.push((i, rx));
                     }
-                    requested.push(asked);
+                    requested.push(asked && why == Why::Demand);
                     senders.push(tx);
                 }
                 let me = Arc::clone(self);

@@ -286,6 +286,13 @@ impl FanotifyPath {
             };
             bf.events.fetch_add(1, Ordering::Relaxed);
             let (off, count) = ev.raw.range.unwrap_or((0, bf.blob.uncompressed_size));
+            // Every page-cache miss of a marked file is an event, hits on
+            // fetched chunks included: the access log sees them all.
+            bf.blob.record_access(bf.blob.chunks_for(off, count));
+            // The event's fd writes without raising events: a queued
+            // profile can start filling the file through it.
+            bf.blob
+                .object_available(|| ev.object(&self.writer), self.daemon.merge_bound);
             let want: Vec<usize> = bf
                 .blob
                 .chunks_for(off, count)

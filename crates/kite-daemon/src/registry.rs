@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kite_format::prefetch::{Entry, Profile};
 use kite_format::{Bootstrap, Digest};
 
 use crate::backend::Backend;
@@ -24,6 +25,38 @@ pub struct Image {
     pub blobs: Vec<Arc<BlobState>>,
     /// Where it was registered from (for status).
     pub source: String,
+}
+
+impl Image {
+    /// Queue a profile's chunks (checked against this image's bootstrap)
+    /// for prefetching.
+    pub fn queue_prefetch(&self, profile: &Profile) {
+        for (b, blob) in self.blobs.iter().enumerate() {
+            blob.queue_prefetch(&profile.chunks_of(b as u32));
+        }
+    }
+
+    /// What the kernel has read of this image's blobs so far, as a profile:
+    /// every chunk once, in the order of its first read across blobs.
+    pub fn access_profile(&self) -> Profile {
+        let mut all: Vec<(u64, Entry)> = Vec::new();
+        for (b, blob) in self.blobs.iter().enumerate() {
+            all.extend(blob.access_order().into_iter().map(|(seq, chunk)| {
+                (
+                    seq,
+                    Entry {
+                        blob: b as u32,
+                        chunk,
+                    },
+                )
+            }));
+        }
+        all.sort_by_key(|(seq, _)| *seq);
+        Profile {
+            bootstrap: Digest::of(&self.bootstrap),
+            entries: all.into_iter().map(|(_, e)| e).collect(),
+        }
+    }
 }
 
 #[derive(Default)]

@@ -241,12 +241,26 @@ fn handle_open(
         Target::Blob(b) => b.uncompressed_size,
     };
     tracing::debug!(msg_id, object_id, cookie = %cookie, size, "OPEN");
-    lock(&daemon.objects).insert(object_id, OpenObject { target, object });
+    let blob = match &target {
+        Target::Blob(b) => Some(Arc::clone(b)),
+        Target::Bootstrap(_) => None,
+    };
+    lock(&daemon.objects).insert(
+        object_id,
+        OpenObject {
+            target,
+            object: Arc::clone(&object),
+        },
+    );
     if let Err(e) = dev.copen(msg_id, size as i64) {
         // The kernel gave up on this OPEN (e.g. the mount was killed):
         // forget the object so its fd is closed.
         lock(&daemon.objects).remove(&object_id);
         return Err(e.into());
+    }
+    // The object can be written from now on: a queued profile starts.
+    if let Some(b) = blob {
+        b.object_available(|| object, daemon.merge_bound);
     }
     Ok(())
 }
@@ -281,6 +295,7 @@ fn dispatch_reads(daemon: &Arc<Daemon>, reads: Vec<(u32, u32, u64, u64)>) {
             }),
             Target::Blob(b) => {
                 let want: Vec<usize> = b.chunks_for(off, len).collect();
+                b.record_access(want.iter().copied());
                 let p = plans
                     .entry(b.digest)
                     .or_insert_with(|| (Arc::clone(b), Arc::clone(&entry.object), Vec::new()));

@@ -644,3 +644,95 @@ fn bootstrap_with_bad_index_checksum_is_refused() {
         .expect("refused");
     assert!(err.to_string().contains("checksum"), "{err}");
 }
+
+/// Like `setup_with`, with a prefetch profile of blob 0's `chunks` queued.
+fn setup_profiled(
+    f: &Fixture,
+    backend: TestBackend,
+    readahead: usize,
+    chunks: &[u32],
+) -> (Arc<Daemon>, Arc<SimKernel>, Arc<TestBackend>) {
+    use kite_format::prefetch::{Entry, Profile};
+    let backend = Arc::new(backend);
+    let mut reg = Registry::new(None);
+    reg.readahead = readahead;
+    let img = reg
+        .register(
+            f.bootstrap.clone(),
+            backend.clone(),
+            Duration::from_secs(5),
+            "test".into(),
+        )
+        .unwrap();
+    let profile = Profile {
+        bootstrap: Digest::of(&f.bootstrap),
+        entries: chunks
+            .iter()
+            .map(|&chunk| Entry { blob: 0, chunk })
+            .collect(),
+    };
+    let parsed = kite_format::Bootstrap::parse(&f.bootstrap).unwrap();
+    let profile =
+        Profile::parse_for(&profile.encode(), &Digest::of(&f.bootstrap), &parsed).unwrap();
+    img.queue_prefetch(&profile);
+    let daemon = Daemon::new(reg, 4 << 20);
+    let kernel = Arc::new(SimKernel::default());
+    let d = Arc::clone(&daemon);
+    let k: Arc<dyn CacheDevice> = kernel.clone();
+    tokio::spawn(async move { serve::serve(d, k).await });
+    (daemon, kernel, backend)
+}
+
+#[tokio::test]
+async fn a_profile_is_prefetched_once_the_kernel_opens_the_blob() {
+    let f = fixture();
+    // Chunks: 0-2 the 3 MiB file, 3 the small file. The profile lists the
+    // small file, then the large file's first chunk.
+    let (daemon, kernel, backend) = setup_profiled(&f, backend(&f.conv), 4, &[3, 0]);
+    settle().await;
+    assert_eq!(
+        backend.calls.load(Ordering::SeqCst),
+        0,
+        "fetched before any OPEN"
+    );
+    let obj = open(&kernel, 1, 1, &f.blob.hex());
+    let state = daemon.registry.lock().unwrap().blob(&f.blob).unwrap();
+    let t = std::time::Instant::now();
+    while state.prefetched_chunks.load(Ordering::SeqCst) < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "profile not prefetched"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    settle().await;
+    // No READ was sent: both chunks are in the cache file, verified, and
+    // nothing else (no readahead from a prefetch); two runs, two requests.
+    assert_eq!(obj.read(3 << 20, 5).unwrap(), f.raw[3 << 20..(3 << 20) + 5]);
+    assert_eq!(obj.read(0, 1 << 20).unwrap(), f.raw[..1 << 20]);
+    assert!(obj.read(1 << 20, 4096).is_none());
+    assert!(obj.read(2 << 20, 4096).is_none());
+    assert_eq!(backend.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(state.fetched_chunks.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_read_of_a_profiled_chunk_joins_the_prefetch_and_adds_no_readahead() {
+    let f = fixture();
+    let mut b = backend(&f.conv);
+    b.delay = Duration::from_millis(300);
+    let (_, kernel, backend) = setup_profiled(&f, b, 4, &[0]);
+    let obj = open(&kernel, 1, 1, &f.blob.hex());
+    // The READ arrives while the prefetch of chunk 0 is in flight: it waits
+    // for that fetch, and, the chunk being profiled, adds no readaround
+    // (without the profile, chunks 1 and 2 of the file would come along).
+    read(&kernel, 2, 1, 0, 4096);
+    obj.wait_completed(2).await;
+    settle().await;
+    assert_eq!(obj.read(0, 4096).unwrap(), f.raw[..4096]);
+    assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
+    assert!(
+        obj.read(1 << 20, 4096).is_none(),
+        "readaround from a profiled chunk"
+    );
+}

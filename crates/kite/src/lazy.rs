@@ -81,6 +81,7 @@ impl MountSource {
                     platform: Some(platform),
                     username,
                     password,
+                    no_prefetch: false,
                 }))
             }
             _ => bail!(
@@ -105,6 +106,7 @@ pub async fn mount(
     mountpoint: &Path,
     socket: &Path,
     backend_url: Option<String>,
+    prefetch: bool,
 ) -> Result<()> {
     check_kernel()?;
     let (req, label) = match source {
@@ -124,14 +126,17 @@ pub async fn mount(
                 Some(url) => BackendSpec::Http { url },
                 None => BackendSpec::Local { dir: dir.clone() },
             };
+            let profile = dir.join(kite_convert::profile::PREFETCH_NAME);
             let req = RegisterRequest {
                 bootstrap: Some(bootstrap),
                 backend: Some(backend),
                 image: None,
+                prefetch: (prefetch && profile.is_file()).then_some(profile),
             };
             (req, dir.display().to_string())
         }
-        MountSource::Image(image) => {
+        MountSource::Image(mut image) => {
+            image.no_prefetch = !prefetch;
             if backend_url.is_some() {
                 bail!("--backend-url is for image directories; a registry image is fetched from its registry");
             }
@@ -164,11 +169,52 @@ pub async fn mount(
     }
     let label = reg.pinned.clone().unwrap_or(label);
     println!(
-        "mounted {} (fsid {}, {} path) on {}",
+        "mounted {} (fsid {}, {} path) on {}{}",
         label,
         reg.fsid,
         reg.kernel_path,
-        mountpoint.display()
+        mountpoint.display(),
+        if reg.prefetch_chunks > 0 {
+            format!(
+                "; prefetching {} chunks from its profile",
+                reg.prefetch_chunks
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+/// `kite profile MOUNTPOINT IMAGE_DIR`.
+pub async fn save_profile(mountpoint: &Path, image_dir: &Path, socket: &Path) -> Result<()> {
+    let fsid = mounted_fsid(mountpoint)
+        .with_context(|| format!("{} is not a kite mount", mountpoint.display()))?;
+    let recorded = Client::new(socket)
+        .profile(&fsid)
+        .await
+        .context("asking the daemon for what was read")?;
+    if recorded.entries.is_empty() {
+        bail!(
+            "nothing was read from {} through the daemon yet: run the workload on a cold cache first",
+            mountpoint.display()
+        );
+    }
+    let profile = kite_format::prefetch::Profile {
+        bootstrap: kite_format::Digest::parse(&fsid)
+            .with_context(|| format!("fsid {fsid} is not a sha256"))?,
+        entries: recorded
+            .entries
+            .iter()
+            .map(|&(blob, chunk)| kite_format::prefetch::Entry { blob, chunk })
+            .collect(),
+    };
+    let manifest = kite_convert::profile::attach_profile(image_dir, &profile)
+        .with_context(|| format!("saving the profile into {}", image_dir.display()))?;
+    println!(
+        "profile of {} chunks saved in {}; kite manifest now {manifest}",
+        profile.entries.len(),
+        image_dir.display()
     );
     Ok(())
 }
@@ -294,11 +340,16 @@ pub async fn status(socket: &Path, json: bool) -> Result<()> {
         }
         for b in img.blobs {
             println!(
-                "  blob {}  chunks {}/{}  fetched {}{}{}",
+                "  blob {}  chunks {}/{}  fetched {}{}{}{}",
                 &b.digest[..19],
                 b.fetched_chunks,
                 b.chunks,
                 crate::mib(b.fetched_bytes),
+                if b.prefetched_chunks > 0 {
+                    format!(" ({} chunks prefetched)", b.prefetched_chunks)
+                } else {
+                    String::new()
+                },
                 if health.kernel_path == "fanotify" {
                     format!(", {} events", b.events)
                 } else {

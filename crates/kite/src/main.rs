@@ -162,6 +162,21 @@ enum Cmd {
         /// Registry images: platform to pick from an index.
         #[arg(long, default_value = "linux/amd64")]
         platform: String,
+        /// Do not prefetch the image's profile (see `kite profile`).
+        #[arg(long)]
+        no_prefetch: bool,
+    },
+    /// Save what the readers of a mounted image read, in order, as the
+    /// image's prefetch profile: the chunks go into IMAGE_DIR (and into its
+    /// manifest, for `kite push`), and later mounts fetch them ahead of the
+    /// readers. Record on a cold cache, running the workload to profile.
+    Profile {
+        /// A kite mount of the image (its daemon recorded the reads).
+        mountpoint: PathBuf,
+        /// The image's `kite convert` directory.
+        image_dir: PathBuf,
+        #[arg(long, env = "KITE_SOCKET", default_value = lazy::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
     /// Unmount a kite mount and forget the image if nothing else uses it.
     Umount {
@@ -307,12 +322,24 @@ fn run(cli: Cli) -> Result<()> {
             username,
             password_stdin,
             platform,
+            no_prefetch,
         } => {
             let password = registry::read_password(username.as_deref(), password_stdin)?;
             let image =
                 lazy::MountSource::parse(&source, plain_http, username, password, platform)?;
-            runtime()?.block_on(lazy::mount(image, &mountpoint, &socket, backend_url))?
+            runtime()?.block_on(lazy::mount(
+                image,
+                &mountpoint,
+                &socket,
+                backend_url,
+                !no_prefetch,
+            ))?
         }
+        Cmd::Profile {
+            mountpoint,
+            image_dir,
+            socket,
+        } => runtime()?.block_on(lazy::save_profile(&mountpoint, &image_dir, &socket))?,
         Cmd::Push {
             dir,
             reference,

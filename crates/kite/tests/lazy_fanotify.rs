@@ -512,3 +512,137 @@ fn mmap_exec_and_import_work_on_a_cold_cache() {
     );
     m.umount();
 }
+
+/// Deterministic incompressible-ish bytes (no chunk dedups away).
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+#[test]
+fn a_recorded_profile_is_prefetched_on_the_next_cold_mount() {
+    let test = "a_recorded_profile_is_prefetched_on_the_next_cold_mount";
+    if !require(test, fanotify_path()) {
+        return;
+    }
+    let dir = tempdir();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // One layer, 64 KiB chunks: a and c one chunk each, b four, d (never
+    // read while recording) four.
+    let files = [
+        ("a", noise(1, 10_000)),
+        ("b", noise(2, 3 * 65536 + 100)),
+        ("c", noise(3, 5_000)),
+        ("d", noise(4, 4 * 65536)),
+    ];
+    for (name, data) in &files {
+        std::fs::write(src.join(name), data).unwrap();
+    }
+    let conv = dir.path().join("conv");
+    convert(
+        &format!("dir:{}", src.display()),
+        &conv,
+        &["--chunk-size", "64K"],
+    );
+
+    // Record: a cold run reading a, b, c.
+    let rec = dir.path().join("rec");
+    std::fs::create_dir_all(&rec).unwrap();
+    let d = Daemon::start(&rec, &[]);
+    let m = d.mount(&conv, &rec.join("mnt"), &[]);
+    for (name, data) in &files[..3] {
+        assert_eq!(&std::fs::read(m.mnt.join(name)).unwrap(), data);
+    }
+    let said = kite_ok(&[
+        "profile",
+        m.mnt.to_str().unwrap(),
+        conv.to_str().unwrap(),
+        "--socket",
+        d.socket.to_str().unwrap(),
+    ]);
+    let n: u64 = said
+        .split_whitespace()
+        .nth(2)
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected output: {said}"));
+    assert_eq!(n, 6, "a, b and c are 6 chunks: {said}");
+    m.umount();
+    d.stop();
+
+    // Replay on a fresh cache: the first read hands the daemon the blob
+    // file, and the prefetcher fetches the rest of the profile with no
+    // reader asking; reading b and c then costs no request; d (not in the
+    // profile) is fetched on demand.
+    let rep = dir.path().join("rep");
+    std::fs::create_dir_all(&rep).unwrap();
+    let d = Daemon::start(&rep, &[]);
+    let m = d.mount(&conv, &rep.join("mnt"), &[]);
+    assert!(
+        d.log_text().contains("prefetch profile queued"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(&std::fs::read(m.mnt.join("a")).unwrap(), &files[0].1);
+    let t = Instant::now();
+    while d.blob_sum("fetched_chunks") < n {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "profile not prefetched: {}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        d.blob_sum("fetched_chunks"),
+        n,
+        "fetched beyond the profile"
+    );
+    assert!(d.blob_sum("prefetched_chunks") >= n - 1);
+    let requests = d.backend_requests();
+    for (name, data) in &files[1..3] {
+        assert_eq!(&std::fs::read(m.mnt.join(name)).unwrap(), data);
+    }
+    assert_eq!(
+        d.backend_requests(),
+        requests,
+        "reads of prefetched files went to the backend"
+    );
+    assert_eq!(&std::fs::read(m.mnt.join("d")).unwrap(), &files[3].1);
+    assert!(d.backend_requests() > requests);
+    m.umount();
+
+    // A damaged profile is refused at mount, naming it; nothing is mounted.
+    let pf = conv.join("prefetch");
+    let bytes = std::fs::read(&pf).unwrap();
+    std::fs::write(&pf, &bytes[..bytes.len() - 3]).unwrap();
+    let mnt = rep.join("mnt2");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let out = kite(&[
+        "mount",
+        conv.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+        "--socket",
+        d.socket.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("prefetch profile") && err.contains("prefetch"),
+        "{err}"
+    );
+    assert!(!std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(mnt.to_str().unwrap()));
+    // --no-prefetch ignores it.
+    let m = d.mount(&conv, &mnt, &["--no-prefetch"]);
+    assert_eq!(&std::fs::read(m.mnt.join("c")).unwrap(), &files[2].1);
+    m.umount();
+}

@@ -725,3 +725,77 @@ fn hex_sha256(data: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+#[test]
+fn a_pushed_prefetch_profile_is_fetched_and_replayed_by_a_registry_mount() {
+    let test = "a_pushed_prefetch_profile_is_fetched_and_replayed_by_a_registry_mount";
+    if !require(test, fanotify_path()) {
+        return;
+    }
+    let Some((dir, reg)) = setup(test) else {
+        return;
+    };
+    let d = dir.path();
+    let reference = format!("{}/kite/example:v1", reg.addr);
+    let (_, conv, _) = convert_and_push(d, &["example"], &reference);
+    // Record a profile from a cold run on local blobs, then push again:
+    // only the profile and the new manifest are new.
+    let rec = start_daemon(&d.join("rec"));
+    let m = rec.mount(&conv, &d.join("rec-mnt"), &[]);
+    let first = read_all(&m.mnt);
+    let said = kite_ok(&[
+        "profile",
+        m.mnt.to_str().unwrap(),
+        conv.to_str().unwrap(),
+        "--socket",
+        rec.socket.to_str().unwrap(),
+    ]);
+    let recorded = rec.blob_sum("fetched_chunks");
+    m.umount();
+    rec.stop();
+    let n: u64 = said.split_whitespace().nth(2).unwrap().parse().unwrap();
+    // Every chunk read, at most what was fetched (readahead may fetch
+    // chunks nobody read).
+    assert!(n > 0 && n <= recorded, "{said} ({recorded} fetched)");
+    let out = ok(
+        kite_with(&["push", conv.to_str().unwrap(), &reference], &[], None),
+        "push with profile",
+    );
+    let pinned = pinned_of(&out);
+
+    let daemon = start_daemon(&d.join("daemon"));
+    let mnt = d.join("mnt");
+    let out = ok(mount_ref(&daemon, &reference, &mnt), "mount with profile");
+    assert!(
+        out.contains(&pinned) && out.contains(&format!("prefetching {n} chunks")),
+        "{out}"
+    );
+    assert!(read_all(&mnt) == first, "contents differ");
+    let prefetched = daemon.blob_sum("prefetched_chunks");
+    assert!(prefetched > 0, "nothing prefetched: {}", daemon.log_text());
+    assert!(daemon.blob_sum("fetched_chunks") >= n);
+    umount(&daemon, &mnt);
+
+    // --no-prefetch: the profile is not even fetched.
+    let fresh = start_daemon(&d.join("fresh"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    let out = ok(
+        kite_with(
+            &[
+                "mount",
+                &reference,
+                mnt.to_str().unwrap(),
+                "--no-prefetch",
+                "--socket",
+                fresh.socket.to_str().unwrap(),
+            ],
+            &[],
+            None,
+        ),
+        "mount --no-prefetch",
+    );
+    assert!(!out.contains("prefetching"), "{out}");
+    assert!(read_all(&mnt) == first);
+    assert_eq!(fresh.blob_sum("prefetched_chunks"), 0);
+    umount(&fresh, &mnt);
+}
