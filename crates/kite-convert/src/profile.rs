@@ -63,6 +63,12 @@ pub fn attach_profile(dir: &Path, profile: &Profile) -> Result<String, ConvertEr
     fs::write(&tmp, &data).map_err(|e| ConvertError::io(&tmp, e))?;
     fs::rename(&tmp, &link).map_err(|e| ConvertError::io(&link, e))?;
 
+    let replaced: Vec<String> = manifest
+        .layers
+        .iter()
+        .filter(|l| l.media_type == media::KITE_PREFETCH && l.digest != digest)
+        .map(|l| l.digest.clone())
+        .collect();
     manifest
         .layers
         .retain(|l| l.media_type != media::KITE_PREFETCH);
@@ -81,9 +87,13 @@ pub fn attach_profile(dir: &Path, profile: &Profile) -> Result<String, ConvertEr
     new_desc.digest = manifest_digest.clone();
     new_desc.size = manifest_bytes.len() as u64;
     kite_oci::write_layout_index(dir, new_desc)?;
-    // The old manifest is no longer referenced.
+    // The old manifest and a replaced profile are no longer referenced.
+    let mut unused = replaced;
     if desc.digest != manifest_digest {
-        if let Ok(old) = layout.blob_path(&desc.digest) {
+        unused.push(desc.digest.clone());
+    }
+    for d in unused {
+        if let Ok(old) = layout.blob_path(&d) {
             let _ = fs::remove_file(old);
         }
     }
@@ -154,9 +164,15 @@ mod tests {
                 .exists(),
             "the replaced manifest was left behind"
         );
-        // A second profile replaces the first: still one profile layer.
+        // A second profile replaces the first: still one profile layer,
+        // and the first one's blob is gone.
+        let first = Layout::open(&dir)
+            .unwrap()
+            .blob_path(&pf[0].digest)
+            .unwrap();
         p.entries.truncate(1);
         attach_profile(&dir, &p).unwrap();
+        assert!(!first.exists(), "the replaced profile was left behind");
         let (_, m) = manifest_of(&dir);
         let pf: Vec<_> = m
             .layers

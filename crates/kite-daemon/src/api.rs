@@ -115,6 +115,16 @@ pub struct RegisterResponse {
 pub struct AccessProfile {
     pub fsid: String,
     pub entries: Vec<(u32, u32)>,
+    /// Whether reads of chunks already fetched reach the daemon (fanotify
+    /// path). On the cachefiles path cache hits never leave the kernel, so
+    /// chunks the daemon fetched ahead and the kernel then read are
+    /// missing from the log unless the daemon ran with `--readahead 0`.
+    #[serde(default)]
+    pub sees_hits: bool,
+    /// Blobs of this image that other registered images use too: their
+    /// reads are in the log as well.
+    #[serde(default)]
+    pub shared_blobs: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -265,17 +275,38 @@ async fn handle(
                 },
             }
         }
-        (Method::GET, p) if p.starts_with("/v1/images/") && p.ends_with("/profile") => {
-            let fsid = &p["/v1/images/".len()..p.len() - "/profile".len()];
-            let img = ctx.daemon.registry.lock().ok().and_then(|r| r.image(fsid));
+        (Method::GET, p)
+            if p.strip_prefix("/v1/images/")
+                .and_then(|r| r.strip_suffix("/profile"))
+                .is_some() =>
+        {
+            let fsid = p
+                .strip_prefix("/v1/images/")
+                .and_then(|r| r.strip_suffix("/profile"))
+                .unwrap_or_default();
+            let (img, others) = match ctx.daemon.registry.lock() {
+                Ok(r) => (r.image(fsid), r.images()),
+                Err(_) => (None, Vec::new()),
+            };
             match img {
                 Some(img) => {
                     let p = img.access_profile();
+                    let shared_blobs = img
+                        .blobs
+                        .iter()
+                        .filter(|b| {
+                            others.iter().any(|o| {
+                                o.fsid != img.fsid && o.blobs.iter().any(|x| x.digest == b.digest)
+                            })
+                        })
+                        .count();
                     json(
                         StatusCode::OK,
                         &AccessProfile {
                             fsid: img.fsid.clone(),
                             entries: p.entries.iter().map(|e| (e.blob, e.chunk)).collect(),
+                            sees_hits: ctx.fanotify.is_some(),
+                            shared_blobs,
                         },
                     )
                 }
@@ -418,8 +449,14 @@ async fn fetch_registry_image(
         [] => None,
         [desc] => {
             let data = repo.fetch_blob(desc, 64 << 20).await?;
-            let p = Profile::parse_for(&data, &kite_format::Digest::of(&bytes), &parsed)
-                .map_err(|e| bad(format!("prefetch profile {}: {e}", desc.digest)))?;
+            let p = Profile::parse_for(&data, &kite_format::Digest::of(&bytes), &parsed).map_err(
+                |e| {
+                    bad(format!(
+                        "prefetch profile {}: {e} (`kite mount --no-prefetch` ignores it)",
+                        desc.digest
+                    ))
+                },
+            )?;
             Some(p)
         }
         more => {
@@ -444,8 +481,12 @@ fn read_profile(path: &Path, bootstrap: &[u8]) -> Result<Profile, DaemonError> {
             source_name: path.display().to_string(),
             why: e.to_string(),
         })?;
-    Profile::parse_for(&data, &kite_format::Digest::of(bootstrap), &parsed)
-        .map_err(|e| DaemonError::Config(format!("prefetch profile {}: {e}", path.display())))
+    Profile::parse_for(&data, &kite_format::Digest::of(bootstrap), &parsed).map_err(|e| {
+        DaemonError::Config(format!(
+            "prefetch profile {}: {e} (`kite mount --no-prefetch` ignores it)",
+            path.display()
+        ))
+    })
 }
 
 async fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterResponse, DaemonError> {
@@ -510,7 +551,7 @@ async fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterRespon
         bootstrap_path: None,
         devices: Vec::new(),
         pinned,
-        prefetch_chunks: profile.as_ref().map_or(0, |p| p.entries.len()),
+        prefetch_chunks: 0,
     };
     if let Some(fan) = &ctx.fanotify {
         let files = fan.prepare(&img)?;
@@ -520,8 +561,8 @@ async fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterRespon
     // Queued now, started when the kernel path hands over a cache object
     // for each blob (cachefiles OPEN; fanotify: the blob's first event).
     if let Some(p) = &profile {
-        img.queue_prefetch(p);
-        tracing::info!(fsid = %img.fsid, chunks = p.entries.len(), "prefetch profile queued");
+        resp.prefetch_chunks = img.queue_prefetch(p);
+        tracing::info!(fsid = %img.fsid, chunks = p.entries.len(), queued = resp.prefetch_chunks, "prefetch profile queued");
     }
     Ok(resp)
 }

@@ -16,7 +16,7 @@
 //! Cancellation: a fetch runs in its own task, so a READ task that goes
 //! away does not abort a fetch others wait for.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -133,11 +133,12 @@ const BURST_MAX_CHUNKS: usize = 64;
 const BURST_MAX_BYTES: u64 = 512 << 10;
 
 /// Prefetch (profile) fetches: windows of the queue of at most this many
-/// stored bytes, this many windows in flight, gaps of at most this many
-/// stored bytes between profile chunks fetched too.
+/// stored bytes are sorted, gaps of at most this many stored bytes between
+/// profile chunks are fetched too, and at most this many range requests
+/// are in flight.
 const PREFETCH_WINDOW_BYTES: u64 = 4 << 20;
-const PREFETCH_WINDOWS: usize = 2;
 const PREFETCH_GAP_BYTES: u64 = 32 << 10;
+const PREFETCH_REQUESTS: usize = 8;
 
 /// Orders first accesses across blobs (a profile interleaves blobs).
 static ACCESS_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -160,14 +161,20 @@ struct AccessLog {
     order: Vec<(u64, u32)>,
 }
 
-/// Profile chunks waiting for the prefetcher.
+/// Profile chunks waiting for the prefetcher, and what it writes into.
 #[derive(Default)]
 struct Prefetch {
     queue: Vec<usize>,
     running: bool,
-    /// Chunks some profile lists: reads of them add no speculation (the
-    /// profile already says what comes next).
+    /// Chunks some profile listed (each is queued once).
     profiled: Vec<bool>,
+    /// The last cache object the kernel path handed over for this blob,
+    /// while it is usable.
+    object: Option<Arc<dyn CacheObject>>,
+    merge_bound: u64,
+    /// Bumped when the object goes away or the blob is forgotten: a
+    /// running prefetcher stops at its next run.
+    generation: u64,
 }
 
 /// Most chunks one readahead window spans (small files).
@@ -282,26 +289,35 @@ impl BlobState {
             .unwrap_or_default()
     }
 
-    /// Queue profile chunks (in profile order) for prefetching; they are
-    /// fetched once a cache object for this blob is available
-    /// ([`BlobState::object_available`]).
-    pub fn queue_prefetch(&self, chunks: &[usize]) {
-        if chunks.is_empty() {
-            return;
-        }
-        if let Ok(mut p) = self.prefetch.lock() {
+    /// Queue profile chunks (in profile order) for prefetching, each chunk
+    /// once; they are fetched as soon as a cache object for this blob is
+    /// available ([`BlobState::object_available`]). Returns how many were
+    /// new.
+    pub fn queue_prefetch(self: &Arc<Self>, chunks: &[usize]) -> usize {
+        let added = {
+            let Ok(mut p) = self.prefetch.lock() else {
+                return 0;
+            };
             if p.profiled.is_empty() {
                 p.profiled = vec![false; self.chunks.len()];
             }
+            let mut added = 0;
             for &i in chunks {
-                if let Some(b) = p.profiled.get_mut(i) {
+                if let Some(b @ false) = p.profiled.get_mut(i) {
                     *b = true;
                     p.queue.push(i);
+                    added += 1;
                 }
             }
-        }
+            added
+        };
+        self.kick_prefetch();
+        added
     }
 
+    /// Whether reads of chunk `i` should add no speculation: a profile
+    /// lists it, so the prefetcher brings (or brought) what the workload
+    /// reads next. Other chunks of the blob keep readahead.
     fn is_profiled(&self, i: usize) -> bool {
         self.prefetch
             .lock()
@@ -310,102 +326,174 @@ impl BlobState {
     }
 
     /// A cache object for this blob can be written now (the kernel opened
-    /// it, or an event handed the daemon a file to fill): start the
-    /// prefetcher if profile chunks are queued. `object` is only built if
-    /// so.
+    /// it, or an event handed the daemon a file to fill): remember it (it
+    /// is built only if none is held) and start the prefetcher if profile
+    /// chunks are queued.
     pub fn object_available(
         self: &Arc<Self>,
         object: impl FnOnce() -> Arc<dyn CacheObject>,
         merge_bound: u64,
     ) {
-        let queue = {
+        if let Ok(mut p) = self.prefetch.lock() {
+            if p.object.is_none() {
+                p.object = Some(object());
+                p.merge_bound = merge_bound;
+            }
+        }
+        self.kick_prefetch();
+    }
+
+    /// The kernel closed cache object `target` (or the blob is being
+    /// forgotten, `None`): stop writing into it; a running prefetcher
+    /// stops and puts what it had not asked for back in the queue.
+    pub fn object_gone(&self, target: Option<u64>) {
+        if let Ok(mut p) = self.prefetch.lock() {
+            let ours = match (&p.object, target) {
+                (Some(o), Some(t)) => o.target() == t,
+                (_, None) => true,
+                (None, Some(_)) => false,
+            };
+            if ours {
+                p.object = None;
+                p.generation += 1;
+            }
+        }
+    }
+
+    /// Start the prefetcher if there is work, an object and none running.
+    fn kick_prefetch(self: &Arc<Self>) {
+        let (queue, object, merge_bound, generation) = {
             let Ok(mut p) = self.prefetch.lock() else {
+                return;
+            };
+            let Some(object) = p.object.clone() else {
                 return;
             };
             if p.running || p.queue.is_empty() {
                 return;
             }
             p.running = true;
-            std::mem::take(&mut p.queue)
+            (
+                std::mem::take(&mut p.queue),
+                object,
+                p.merge_bound,
+                p.generation,
+            )
         };
         let me = Arc::clone(self);
-        let object = object();
-        tokio::spawn(async move { me.run_prefetch(queue, object, merge_bound).await });
+        tokio::spawn(async move {
+            me.run_prefetch(queue, object, merge_bound, generation)
+                .await
+        });
     }
 
     /// Fetch `queue` roughly in order: a window of the next missing chunks
     /// (up to [`PREFETCH_WINDOW_BYTES`] stored bytes) is sorted by position
     /// and the small gaps between its chunks are filled, so neighbouring
-    /// small files become one range request; [`PREFETCH_WINDOWS`] windows
-    /// are in flight. Then any chunks queued meanwhile.
+    /// small files become one range request; at most
+    /// [`PREFETCH_REQUESTS`] requests are in flight, so the prefetcher
+    /// never floods the backend. Stops early if the object goes away.
     async fn run_prefetch(
         self: Arc<Self>,
-        mut queue: Vec<usize>,
+        queue: Vec<usize>,
         object: Arc<dyn CacheObject>,
         merge_bound: u64,
+        generation: u64,
     ) {
         let started = std::time::Instant::now();
-        let (mut asked, mut failed) = (0usize, 0usize);
-        loop {
-            let mut in_flight: VecDeque<Waits> = VecDeque::new();
-            let mut k = 0;
-            while k < queue.len() {
-                let mut window: Vec<usize> = Vec::new();
-                let mut bytes = 0u64;
-                while k < queue.len()
-                    && window.len() < WINDOW_MAX_CHUNKS * 4
-                    && bytes < PREFETCH_WINDOW_BYTES
-                {
-                    let i = queue[k];
-                    if !self.is_fetched(i) {
-                        window.push(i);
-                        bytes += u64::from(self.chunks[i].compressed_size);
+        let slots = Arc::new(tokio::sync::Semaphore::new(PREFETCH_REQUESTS));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let mut asked = 0usize;
+        let mut k = 0;
+        let current = |me: &Self| {
+            me.prefetch
+                .lock()
+                .map(|p| p.generation == generation)
+                .unwrap_or(false)
+        };
+        'windows: while k < queue.len() {
+            let mut window: Vec<usize> = Vec::new();
+            let mut bytes = 0u64;
+            while k < queue.len() && bytes < PREFETCH_WINDOW_BYTES {
+                let i = queue[k];
+                if !self.is_fetched(i) {
+                    window.push(i);
+                    bytes += u64::from(self.chunks[i].compressed_size);
+                }
+                k += 1;
+            }
+            for run in self.runs(&self.fill_small_gaps(window), merge_bound) {
+                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                    break 'windows;
+                };
+                if !current(&self) {
+                    // Not asked for yet: back in the queue for the next object.
+                    break 'windows;
+                }
+                asked += run.len();
+                match self.start_inner(&run, &object, merge_bound, Why::Speculative) {
+                    Ok(waits) => {
+                        let me = Arc::clone(&self);
+                        let failed = Arc::clone(&failed);
+                        tokio::spawn(async move {
+                            failed.fetch_add(me.wait_count_failed(waits).await, Ordering::Relaxed);
+                            drop(permit);
+                        });
                     }
-                    k += 1;
-                }
-                if window.is_empty() {
-                    continue;
-                }
-                let window = self.fill_small_gaps(window);
-                asked += window.len();
-                match self.start_inner(&window, &object, merge_bound, Why::Speculative) {
-                    Ok(w) => in_flight.push_back(w),
                     Err(e) => {
                         tracing::warn!(blob = %self.digest, "prefetch stopped: {e}");
-                        break;
-                    }
-                }
-                while in_flight.len() >= PREFETCH_WINDOWS {
-                    if let Some(w) = in_flight.pop_front() {
-                        failed += self.wait_count_failed(w).await;
+                        break 'windows;
                     }
                 }
             }
-            for w in in_flight {
-                failed += self.wait_count_failed(w).await;
+        }
+        // Wait for the last requests.
+        let _ = slots.acquire_many(PREFETCH_REQUESTS as u32).await;
+        let stopped = !current(&self);
+        if let Ok(mut p) = self.prefetch.lock() {
+            if stopped {
+                // Whatever was not fetched is queued again, in order.
+                let mut rest: Vec<usize> =
+                    queue.into_iter().filter(|&i| !self.is_fetched(i)).collect();
+                rest.append(&mut p.queue);
+                p.queue = rest;
             }
-            let more = match self.prefetch.lock() {
-                Ok(mut p) => {
-                    let more = std::mem::take(&mut p.queue);
-                    if more.is_empty() {
-                        p.running = false;
-                    }
-                    more
-                }
-                Err(_) => Vec::new(),
-            };
-            if more.is_empty() {
-                break;
-            }
-            queue = more;
+            p.running = false;
         }
         tracing::info!(
             blob = %self.digest,
             chunks = asked,
-            failed,
+            failed = failed.load(Ordering::Relaxed),
+            stopped,
             secs = started.elapsed().as_secs_f64(),
             "prefetch done"
         );
+        // Chunks queued meanwhile (another image's profile).
+        if !stopped {
+            self.kick_prefetch();
+        }
+    }
+
+    /// Split sorted chunk indexes into runs of adjacent chunks that one
+    /// request can fetch (contiguous stored bytes, at most `merge_bound`).
+    fn runs(&self, sorted: &[usize], merge_bound: u64) -> Vec<Vec<usize>> {
+        let mut out: Vec<Vec<usize>> = Vec::new();
+        for &i in sorted {
+            let c = &self.chunks[i];
+            let joins = out.last().is_some_and(|run| {
+                let (first, last) = (&self.chunks[run[0]], &self.chunks[run[run.len() - 1]]);
+                run[run.len() - 1] + 1 == i
+                    && last.compressed_offset + u64::from(last.compressed_size)
+                        == c.compressed_offset
+                    && c.compressed_offset + u64::from(c.compressed_size) - first.compressed_offset
+                        <= merge_bound
+            });
+            match out.last_mut() {
+                Some(run) if joins => run.push(i),
+                _ => out.push(vec![i]),
+            }
+        }
+        out
     }
 
     /// Sort `window` and add the missing chunks lying in gaps of at most

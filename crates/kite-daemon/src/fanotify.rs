@@ -286,9 +286,12 @@ impl FanotifyPath {
             };
             bf.events.fetch_add(1, Ordering::Relaxed);
             let (off, count) = ev.raw.range.unwrap_or((0, bf.blob.uncompressed_size));
-            // Every page-cache miss of a marked file is an event, hits on
-            // fetched chunks included: the access log sees them all.
-            bf.blob.record_access(bf.blob.chunks_for(off, count));
+            // Every read of a marked blob file is an event, of fetched
+            // chunks too: the access log sees them all (an event without
+            // a range says nothing about which chunks were read).
+            if ev.raw.range.is_some() {
+                bf.blob.record_access(bf.blob.chunks_for(off, count));
+            }
             // The event's fd writes without raising events: a queued
             // profile can start filling the file through it.
             bf.blob

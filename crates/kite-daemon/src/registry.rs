@@ -29,11 +29,19 @@ pub struct Image {
 
 impl Image {
     /// Queue a profile's chunks (checked against this image's bootstrap)
-    /// for prefetching.
-    pub fn queue_prefetch(&self, profile: &Profile) {
-        for (b, blob) in self.blobs.iter().enumerate() {
-            blob.queue_prefetch(&profile.chunks_of(b as u32));
+    /// for prefetching; returns how many were not queued already.
+    pub fn queue_prefetch(&self, profile: &Profile) -> usize {
+        let mut per_blob: Vec<Vec<usize>> = vec![Vec::new(); self.blobs.len()];
+        for e in &profile.entries {
+            if let Some(v) = per_blob.get_mut(e.blob as usize) {
+                v.push(e.chunk as usize);
+            }
         }
+        self.blobs
+            .iter()
+            .zip(per_blob)
+            .map(|(blob, chunks)| blob.queue_prefetch(&chunks))
+            .sum()
     }
 
     /// What the kernel has read of this image's blobs so far, as a profile:
@@ -155,6 +163,8 @@ impl Registry {
                 .any(|i| i.blobs.iter().any(|x| x.digest == b.digest));
             if !used {
                 self.blobs.remove(&b.digest);
+                // A prefetch into the forgotten blob stops.
+                b.object_gone(None);
             }
         }
         true

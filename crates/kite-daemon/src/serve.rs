@@ -156,8 +156,15 @@ pub fn drain(daemon: &Arc<Daemon>, dev: &dyn CacheDevice) {
             }
             Request::Close { object_id, .. } => {
                 daemon.stats.closes.fetch_add(1, Ordering::Relaxed);
-                // Dropping the entry closes the anonymous fd.
-                lock(&daemon.objects).remove(&object_id);
+                // Dropping the entry closes the anonymous fd; a prefetch
+                // writing into it stops and lets go of it too.
+                if let Some(OpenObject {
+                    target: Target::Blob(b),
+                    object,
+                }) = lock(&daemon.objects).remove(&object_id)
+                {
+                    b.object_gone(Some(object.target()));
+                }
             }
             Request::Read {
                 msg_id,

@@ -736,3 +736,78 @@ async fn a_read_of_a_profiled_chunk_joins_the_prefetch_and_adds_no_readahead() {
         "readaround from a profiled chunk"
     );
 }
+
+#[tokio::test]
+async fn a_profile_queued_after_the_blob_was_opened_starts_at_once() {
+    let f = fixture();
+    let (daemon, kernel, backend) = setup(&f, backend(&f.conv));
+    let obj = open(&kernel, 1, 1, &f.blob.hex());
+    settle().await;
+    // A second registration (same image, or another one sharing the blob)
+    // brings a profile; the kernel sends no new OPEN for an open blob.
+    let img = {
+        let reg = daemon.registry.lock().unwrap();
+        reg.image(&Digest::of(&f.bootstrap).hex()).unwrap()
+    };
+    let profile = kite_format::prefetch::Profile {
+        bootstrap: Digest::of(&f.bootstrap),
+        entries: vec![kite_format::prefetch::Entry { blob: 0, chunk: 3 }],
+    };
+    assert_eq!(img.queue_prefetch(&profile), 1);
+    let t = std::time::Instant::now();
+    while obj.read(3 << 20, 5).is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "queued profile never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(obj.read(3 << 20, 5).unwrap(), f.raw[3 << 20..(3 << 20) + 5]);
+    assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
+    // Queued again: nothing new.
+    assert_eq!(img.queue_prefetch(&profile), 0);
+}
+
+#[tokio::test]
+async fn close_stops_the_prefetch_and_the_next_open_finishes_it() {
+    // 20 incompressible 64 KiB files: 20 chunks whose stored gaps (64 KiB)
+    // are too large to fill, so every profile chunk is its own request.
+    let f = fixture_of(|src| {
+        for i in 0..20u64 {
+            let mut x = 0x2545_F491_4F6C_DD1Du64 ^ (i + 1);
+            let data: Vec<u8> = (0..65536)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            std::fs::write(src.join(format!("f{i:02}")), data).unwrap();
+        }
+    });
+    let even: Vec<u32> = (0..20).step_by(2).collect();
+    let mut b = backend(&f.conv);
+    b.delay = Duration::from_millis(300);
+    let (_, kernel, backend) = setup_profiled(&f, b, 0, &even);
+    let first = open(&kernel, 1, 1, &f.blob.hex());
+    settle().await;
+    // Eight requests in flight, two waiting for a slot; the kernel closes
+    // the object meanwhile: the two are never sent to it.
+    kernel.push(Request::Close {
+        msg_id: 2,
+        object_id: 1,
+    });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(backend.calls.load(Ordering::SeqCst), 8);
+    // Opened again (a remount): the rest of the profile goes to the new
+    // object, and nothing is fetched twice.
+    let second = open(&kernel, 3, 2, &f.blob.hex());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(backend.calls.load(Ordering::SeqCst), 10);
+    for c in [16u64, 18] {
+        let at = (c << 16) as usize;
+        assert_eq!(second.read(c << 16, 4096).unwrap(), f.raw[at..at + 4096]);
+    }
+    assert!(first.read(16 << 16, 4096).is_none());
+}

@@ -194,6 +194,17 @@ pub async fn save_profile(mountpoint: &Path, image_dir: &Path, socket: &Path) ->
         .profile(&fsid)
         .await
         .context("asking the daemon for what was read")?;
+    if !recorded.sees_hits {
+        eprintln!(
+            "warning: on the cachefiles path reads of chunks already in the cache never reach the daemon; record with `kite daemon --readahead 0` so chunks it fetched ahead are not left out"
+        );
+    }
+    if recorded.shared_blobs > 0 {
+        eprintln!(
+            "warning: {} blob(s) of this image are used by other mounted images; their reads are in the profile too",
+            recorded.shared_blobs
+        );
+    }
     if recorded.entries.is_empty() {
         bail!(
             "nothing was read from {} through the daemon yet: run the workload on a cold cache first",

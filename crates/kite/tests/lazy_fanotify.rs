@@ -635,7 +635,7 @@ fn a_recorded_profile_is_prefetched_on_the_next_cold_mount() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("prefetch profile") && err.contains("prefetch"),
+        err.contains("prefetch profile") && err.contains(pf.to_str().unwrap()),
         "{err}"
     );
     assert!(!std::fs::read_to_string("/proc/self/mountinfo")

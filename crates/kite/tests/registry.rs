@@ -737,7 +737,7 @@ fn a_pushed_prefetch_profile_is_fetched_and_replayed_by_a_registry_mount() {
     };
     let d = dir.path();
     let reference = format!("{}/kite/example:v1", reg.addr);
-    let (_, conv, _) = convert_and_push(d, &["example"], &reference);
+    let (src, conv, _) = convert_and_push(d, &["example"], &reference);
     // Record a profile from a cold run on local blobs, then push again:
     // only the profile and the new manifest are new.
     let rec = start_daemon(&d.join("rec"));
@@ -798,4 +798,55 @@ fn a_pushed_prefetch_profile_is_fetched_and_replayed_by_a_registry_mount() {
     assert!(read_all(&mnt) == first);
     assert_eq!(fresh.blob_sum("prefetched_chunks"), 0);
     umount(&fresh, &mnt);
+
+    // A manifest carrying another build's profile (same files, 64 KiB
+    // chunks: another bootstrap) is refused, naming the profile.
+    let other = d.join("other");
+    convert(
+        &format!("oci:{}", src.display()),
+        &other,
+        &["--chunk-size", "64K"],
+    );
+    let profile = std::fs::read(conv.join("prefetch")).unwrap();
+    let pdigest = format!("sha256:{}", hex_sha256(&profile));
+    let blobs = other.join("blobs/sha256");
+    std::fs::write(blobs.join(&pdigest[7..]), &profile).unwrap();
+    let index_path = other.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let mdigest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blobs.join(&mdigest[7..])).unwrap()).unwrap();
+    manifest["layers"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.kite.prefetch.v1",
+            "digest": pdigest,
+            "size": profile.len(),
+        }));
+    let mbytes = serde_json::to_vec(&manifest).unwrap();
+    let new_digest = format!("sha256:{}", hex_sha256(&mbytes));
+    std::fs::write(blobs.join(&new_digest[7..]), &mbytes).unwrap();
+    index["manifests"][0]["digest"] = new_digest.into();
+    index["manifests"][0]["size"] = mbytes.len().into();
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    let foreign = format!("{}/kite/foreign:v1", reg.addr);
+    ok(
+        kite_with(&["push", other.to_str().unwrap(), &foreign], &[], None),
+        "push foreign",
+    );
+    let o = mount_ref(&fresh, &foreign, &mnt);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&pdigest) && err.contains("recorded for bootstrap"),
+        "{err}"
+    );
+    assert!(!std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(mnt.to_str().unwrap()));
 }
