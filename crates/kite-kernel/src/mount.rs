@@ -79,3 +79,49 @@ pub fn unmount(mnt: &Path, detach: bool) -> Result<(), KernelError> {
         source: e,
     })
 }
+
+/// Names of the EROFS backing-dev-infos (`/sys/class/bdi/erofs-<n>`): each
+/// EROFS mount (fscache or file-backed) has its own, with a sequence
+/// number as name and nothing in sysfs tying it to the mount. Taken before
+/// and after a mount, the difference is the new mount's.
+pub fn erofs_bdis() -> std::collections::BTreeSet<String> {
+    std::fs::read_dir("/sys/class/bdi")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with("erofs-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Set the readahead of the EROFS mount made since `before` was taken to
+/// `kb` KiB; returns the bdi's name. Refuses (changing nothing) when not
+/// exactly one EROFS mount appeared meanwhile.
+pub fn set_new_erofs_read_ahead(
+    before: &std::collections::BTreeSet<String>,
+    kb: u32,
+) -> Result<String, KernelError> {
+    let name = new_erofs_bdi(before)?;
+    let path = format!("/sys/class/bdi/{name}/read_ahead_kb");
+    std::fs::write(&path, kb.to_string()).map_err(|source| KernelError::Io {
+        what: format!("writing {path}"),
+        source,
+    })?;
+    Ok(name)
+}
+
+/// The bdi of the one EROFS mount made since `before` was taken.
+fn new_erofs_bdi(before: &std::collections::BTreeSet<String>) -> Result<String, KernelError> {
+    let new: Vec<String> = erofs_bdis().difference(before).cloned().collect();
+    let [name] = new.as_slice() else {
+        return Err(KernelError::Io {
+            what: format!(
+                "setting the mount's readahead: {} new EROFS mounts since the mount began, cannot tell which is this one",
+                new.len()
+            ),
+            source: std::io::Error::other("ambiguous"),
+        });
+    };
+    Ok(name.clone())
+}

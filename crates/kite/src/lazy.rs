@@ -107,6 +107,7 @@ pub async fn mount(
     socket: &Path,
     backend_url: Option<String>,
     prefetch: bool,
+    read_ahead_kb: Option<u32>,
 ) -> Result<()> {
     check_kernel()?;
     let (req, label) = match source {
@@ -153,6 +154,16 @@ pub async fn mount(
         .register(&req)
         .await
         .context("registering the image with the daemon")?;
+    // Which EROFS bdi is this mount's: the one that appears across
+    // mount(2). Other kite mounts are kept out of that window by a lock.
+    let serial = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/lock/kite-mount.lock")
+        .and_then(|f| f.lock().map(|()| f))
+        .ok();
+    let bdis = kite_kernel::mount::erofs_bdis();
     let mounted = match &reg.bootstrap_path {
         Some(boot) => {
             let devs: Vec<&Path> = reg.devices.iter().map(PathBuf::as_path).collect();
@@ -167,9 +178,25 @@ pub async fn mount(
         }
         return Err(e.into());
     }
+    // EROFS mounts start with the kernel's 128 KiB readahead; set it to
+    // the image's chunk size (or --read-ahead-kb; 0 leaves it). Not fatal
+    // if it cannot be set.
+    let ra = read_ahead_kb.unwrap_or(reg.read_ahead_kb);
+    let ra_note = if ra == 0 {
+        String::new()
+    } else {
+        match kite_kernel::mount::set_new_erofs_read_ahead(&bdis, ra) {
+            Ok(bdi) => format!(", readahead {ra} KiB ({bdi})"),
+            Err(e) => {
+                eprintln!("warning: {e}; the mount keeps the kernel's readahead");
+                String::new()
+            }
+        }
+    };
+    drop(serial);
     let label = reg.pinned.clone().unwrap_or(label);
     println!(
-        "mounted {} (fsid {}, {} path) on {}{}",
+        "mounted {} (fsid {}, {} path{ra_note}) on {}{}",
         label,
         reg.fsid,
         reg.kernel_path,

@@ -165,6 +165,10 @@ enum Cmd {
         /// Do not prefetch the image's profile (see `kite profile`).
         #[arg(long)]
         no_prefetch: bool,
+        /// Readahead of the mount in KiB (default: the image's chunk size;
+        /// 0 leaves the kernel's default, 128).
+        #[arg(long)]
+        read_ahead_kb: Option<u32>,
     },
     /// Save what the readers of a mounted image read, in order, as the
     /// image's prefetch profile: the chunks go into IMAGE_DIR (and into its
@@ -323,6 +327,7 @@ fn run(cli: Cli) -> Result<()> {
             password_stdin,
             platform,
             no_prefetch,
+            read_ahead_kb,
         } => {
             let password = registry::read_password(username.as_deref(), password_stdin)?;
             let image =
@@ -333,6 +338,7 @@ fn run(cli: Cli) -> Result<()> {
                 &socket,
                 backend_url,
                 !no_prefetch,
+                read_ahead_kb,
             ))?
         }
         Cmd::Profile {

@@ -646,3 +646,55 @@ fn a_recorded_profile_is_prefetched_on_the_next_cold_mount() {
     assert_eq!(&std::fs::read(m.mnt.join("c")).unwrap(), &files[2].1);
     m.umount();
 }
+
+#[test]
+fn a_mount_reads_ahead_one_chunk() {
+    let test = "a_mount_reads_ahead_one_chunk";
+    if !require(test, fanotify_path()) {
+        return;
+    }
+    let dir = tempdir();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), noise(9, 300_000)).unwrap();
+    let conv = dir.path().join("conv");
+    convert(
+        &format!("dir:{}", src.display()),
+        &conv,
+        &["--chunk-size", "256K"],
+    );
+    let d = Daemon::start(dir.path(), &[]);
+    let ra_of = |out: &str| -> u64 {
+        let bdi = out
+            .split(['(', ')'])
+            .find(|w| w.starts_with("erofs-"))
+            .unwrap_or_else(|| panic!("no bdi in {out:?}"));
+        std::fs::read_to_string(format!("/sys/class/bdi/{bdi}/read_ahead_kb"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let sock = d.socket.to_str().unwrap().to_string();
+    let m = mnt.to_str().unwrap();
+    // The image's chunk size, not the kernel's 128 KiB.
+    let out = kite_ok(&["mount", conv.to_str().unwrap(), m, "--socket", &sock]);
+    assert!(out.contains("readahead 256 KiB"), "{out}");
+    assert_eq!(ra_of(&out), 256);
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), noise(9, 300_000));
+    kite_ok(&["umount", m, "--socket", &sock]);
+    // Or what the user asks for.
+    let out = kite_ok(&[
+        "mount",
+        conv.to_str().unwrap(),
+        m,
+        "--socket",
+        &sock,
+        "--read-ahead-kb",
+        "2048",
+    ]);
+    assert_eq!(ra_of(&out), 2048);
+    kite_ok(&["umount", m, "--socket", &sock]);
+}
