@@ -129,6 +129,13 @@ mod tests {
         (desc.digest, serde_json::from_slice(&bytes).unwrap())
     }
 
+    fn profile_layers(m: &Manifest) -> Vec<&Descriptor> {
+        m.layers
+            .iter()
+            .filter(|l| l.media_type == media::KITE_PREFETCH)
+            .collect()
+    }
+
     #[test]
     fn attaching_replaces_the_profile_layer_and_keeps_the_bootstrap() {
         let (_t, dir) = converted();
@@ -143,11 +150,7 @@ mod tests {
         assert_eq!(digest, d1);
         assert_ne!(digest, old_digest);
         assert_eq!(m.layers.len(), old.layers.len() + 1);
-        let pf: Vec<_> = m
-            .layers
-            .iter()
-            .filter(|l| l.media_type == media::KITE_PREFETCH)
-            .collect();
+        let pf = profile_layers(&m);
         assert_eq!(pf.len(), 1);
         let stored = Layout::open(&dir)
             .unwrap()
@@ -174,11 +177,7 @@ mod tests {
         attach_profile(&dir, &p).unwrap();
         assert!(!first.exists(), "the replaced profile was left behind");
         let (_, m) = manifest_of(&dir);
-        let pf: Vec<_> = m
-            .layers
-            .iter()
-            .filter(|l| l.media_type == media::KITE_PREFETCH)
-            .collect();
+        let pf = profile_layers(&m);
         assert_eq!(pf.len(), 1);
         assert_eq!(pf[0].size, 48 + 8);
     }

@@ -266,22 +266,7 @@ fn setup_with(
     backend: TestBackend,
     readahead: usize,
 ) -> (Arc<Daemon>, Arc<SimKernel>, Arc<TestBackend>) {
-    let backend = Arc::new(backend);
-    let mut reg = Registry::new(None);
-    reg.readahead = readahead;
-    reg.register(
-        f.bootstrap.clone(),
-        backend.clone(),
-        Duration::from_secs(5),
-        "test".into(),
-    )
-    .unwrap();
-    let daemon = Daemon::new(reg, 4 << 20);
-    let kernel = Arc::new(SimKernel::default());
-    let d = Arc::clone(&daemon);
-    let k: Arc<dyn CacheDevice> = kernel.clone();
-    tokio::spawn(async move { serve::serve(d, k).await });
-    (daemon, kernel, backend)
+    setup_profiled(f, backend, readahead, &[])
 }
 
 fn backend(conv: &Path) -> TestBackend {
@@ -645,7 +630,8 @@ fn bootstrap_with_bad_index_checksum_is_refused() {
     assert!(err.to_string().contains("checksum"), "{err}");
 }
 
-/// Like `setup_with`, with a prefetch profile of blob 0's `chunks` queued.
+/// The daemon serving a simulated kernel, the fixture registered, and (if
+/// `chunks` is not empty) a prefetch profile of blob 0's `chunks` queued.
 fn setup_profiled(
     f: &Fixture,
     backend: TestBackend,
@@ -664,17 +650,19 @@ fn setup_profiled(
             "test".into(),
         )
         .unwrap();
-    let profile = Profile {
-        bootstrap: Digest::of(&f.bootstrap),
-        entries: chunks
-            .iter()
-            .map(|&chunk| Entry { blob: 0, chunk })
-            .collect(),
-    };
-    let parsed = kite_format::Bootstrap::parse(&f.bootstrap).unwrap();
-    let profile =
-        Profile::parse_for(&profile.encode(), &Digest::of(&f.bootstrap), &parsed).unwrap();
-    img.queue_prefetch(&profile);
+    if !chunks.is_empty() {
+        let profile = Profile {
+            bootstrap: Digest::of(&f.bootstrap),
+            entries: chunks
+                .iter()
+                .map(|&chunk| Entry { blob: 0, chunk })
+                .collect(),
+        };
+        let parsed = kite_format::Bootstrap::parse(&f.bootstrap).unwrap();
+        let profile =
+            Profile::parse_for(&profile.encode(), &Digest::of(&f.bootstrap), &parsed).unwrap();
+        img.queue_prefetch(&profile);
+    }
     let daemon = Daemon::new(reg, 4 << 20);
     let kernel = Arc::new(SimKernel::default());
     let d = Arc::clone(&daemon);
