@@ -115,6 +115,14 @@ pub struct RegisterResponse {
     pub read_ahead_kb: u32,
 }
 
+/// A mount of a registered image (`POST /v1/images/<fsid>/mounts`). On the
+/// fanotify path the daemon remounts it with direct I/O once the image is
+/// complete on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountNotice {
+    pub mountpoint: PathBuf,
+}
+
 /// What the kernel has read of an image so far (`GET
 /// /v1/images/<fsid>/profile`): (blob index, chunk) in first-read order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -159,6 +167,10 @@ pub struct ImageStatus {
     pub source: String,
     pub bootstrap_size: u64,
     pub blobs: Vec<BlobStatus>,
+    /// fanotify path: mountpoints, and whether each was switched to direct
+    /// I/O (done once the image is complete on disk).
+    #[serde(default)]
+    pub direct_io_mounts: Vec<(PathBuf, bool)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -219,6 +231,11 @@ pub fn images_status(
             fsid: img.fsid.clone(),
             source: img.source.clone(),
             bootstrap_size: img.bootstrap.len() as u64,
+            direct_io_mounts: img
+                .direct_io_mounts
+                .lock()
+                .map(|m| m.clone())
+                .unwrap_or_default(),
             blobs: img
                 .blobs
                 .iter()
@@ -317,6 +334,36 @@ async fn handle(
                     )
                 }
                 None => error(StatusCode::NOT_FOUND, &format!("no image {fsid}")),
+            }
+        }
+        (Method::POST, p)
+            if p.strip_prefix("/v1/images/")
+                .and_then(|r| r.strip_suffix("/mounts"))
+                .is_some() =>
+        {
+            let fsid = p
+                .strip_prefix("/v1/images/")
+                .and_then(|r| r.strip_suffix("/mounts"))
+                .unwrap_or_default()
+                .to_string();
+            let body = req.into_body().collect().await?.to_bytes();
+            let img = ctx.daemon.registry.lock().ok().and_then(|r| r.image(&fsid));
+            match (serde_json::from_slice::<MountNotice>(&body), img) {
+                (Err(e), _) => error(StatusCode::BAD_REQUEST, &format!("bad request body: {e}")),
+                (_, None) => error(StatusCode::NOT_FOUND, &format!("no image {fsid}")),
+                (Ok(n), Some(_)) if !n.mountpoint.is_absolute() => error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("{} is not an absolute path", n.mountpoint.display()),
+                ),
+                (Ok(n), Some(img)) => {
+                    // Direct I/O is a file-backed mount's option.
+                    if ctx.fanotify.is_some() {
+                        if let Ok(mut m) = img.direct_io_mounts.lock() {
+                            m.push((n.mountpoint, false));
+                        }
+                    }
+                    json(StatusCode::OK, &serde_json::json!({ "fsid": fsid }))
+                }
             }
         }
         (Method::DELETE, p) if p.starts_with("/v1/images/") => {
@@ -701,6 +748,19 @@ impl Client {
             .call(Method::GET, &format!("/v1/images/{fsid}/profile"), None)
             .await?;
         Self::decode(s, &b)
+    }
+
+    /// Tell the daemon about a mount of image `fsid` (see [`MountNotice`]).
+    pub async fn mounted(&self, fsid: &str, notice: &MountNotice) -> Result<(), DaemonError> {
+        let body = serde_json::to_vec(notice).map_err(|e| DaemonError::Api(e.to_string()))?;
+        let (s, b) = self
+            .call(
+                Method::POST,
+                &format!("/v1/images/{fsid}/mounts"),
+                Some(body),
+            )
+            .await?;
+        Self::decode::<serde_json::Value>(s, &b).map(|_| ())
     }
 
     pub async fn unregister(&self, fsid: &str) -> Result<(), DaemonError> {

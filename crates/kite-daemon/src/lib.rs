@@ -188,6 +188,21 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
             }
         }
     });
+    // fanotify path: mounts of an image that completes are switched to
+    // direct I/O soon after (a check of counters per image each tick).
+    let switcher = tokio::spawn({
+        let d = Arc::clone(&daemon);
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                let images = d.registry.lock().map(|r| r.images()).unwrap_or_default();
+                for img in images {
+                    img.switch_to_direct_io();
+                }
+            }
+        }
+    });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| DaemonError::Io {
             what: "installing SIGTERM handler".into(),
@@ -202,6 +217,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
         _ = term.recv() => Ok(()),
     };
     flusher.abort();
+    switcher.abort();
     if let Some(f) = &fan {
         f.detach_incomplete_mounts();
     }

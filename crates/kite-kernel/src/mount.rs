@@ -67,6 +67,22 @@ pub fn mount_file_backed(
     })
 }
 
+/// Switch a file-backed EROFS mount to direct I/O on its backing files
+/// (`-o remount,directio`; EROFS takes the new option set on remount).
+pub fn remount_direct_io(mnt: &Path) -> Result<(), KernelError> {
+    mount(
+        None::<&str>,
+        mnt,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        Some("directio"),
+    )
+    .map_err(|e| KernelError::Mount {
+        what: format!("remount,directio {}", mnt.display()),
+        source: e,
+    })
+}
+
 /// Unmount (lazily when `detach`).
 pub fn unmount(mnt: &Path, detach: bool) -> Result<(), KernelError> {
     let flags = if detach {

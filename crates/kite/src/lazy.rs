@@ -194,6 +194,18 @@ pub async fn mount(
         }
     };
     drop(serial);
+    if reg.bootstrap_path.is_some() {
+        // File-backed: the daemon switches the mount to direct I/O once
+        // the image is complete on disk.
+        let notice = kite_daemon::api::MountNotice {
+            mountpoint: mountpoint
+                .canonicalize()
+                .unwrap_or_else(|_| mountpoint.to_path_buf()),
+        };
+        if let Err(e) = client.mounted(&reg.fsid, &notice).await {
+            eprintln!("warning: telling the daemon about the mount: {e}");
+        }
+    }
     let label = reg.pinned.clone().unwrap_or(label);
     println!(
         "mounted {} (fsid {}, {} path{ra_note}) on {}{}",

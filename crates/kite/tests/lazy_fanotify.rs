@@ -698,3 +698,52 @@ fn a_mount_reads_ahead_one_chunk() {
     assert_eq!(ra_of(&out), 2048);
     kite_ok(&["umount", m, "--socket", &sock]);
 }
+
+/// The mount options of `mnt` in /proc/self/mountinfo.
+fn mount_options(mnt: &Path) -> Option<String> {
+    let want = mnt.canonicalize().ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(4).map(std::path::PathBuf::from) == Some(want.clone()))
+            .then(|| f.last().unwrap_or(&"").to_string())
+    })
+}
+
+#[test]
+fn a_complete_image_is_remounted_with_direct_io() {
+    let test = "a_complete_image_is_remounted_with_direct_io";
+    if !require(test, fanotify_path()) {
+        return;
+    }
+    let dir = tempdir();
+    let conv = example(dir.path());
+    let d = Daemon::start(dir.path(), &[]);
+    let m = d.mount(&conv, &dir.path().join("mnt"), &[]);
+    // Buffered while chunks are being written.
+    let opts = mount_options(&m.mnt).unwrap();
+    assert!(!opts.contains("directio"), "{opts}");
+    let first = read_all(&m.mnt);
+    let t = Instant::now();
+    while !mount_options(&m.mnt).unwrap().contains("directio") {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "not remounted with direct I/O after the image completed: {}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        d.status()["images"][0]["direct_io_mounts"][0][1],
+        true,
+        "{}",
+        d.status()
+    );
+    // The same bytes, now read from the blob files directly.
+    drop_caches();
+    assert!(
+        read_all(&m.mnt) == first,
+        "contents changed after the remount"
+    );
+    m.umount();
+}
