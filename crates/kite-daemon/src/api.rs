@@ -204,6 +204,14 @@ pub struct ApiContext {
     pub registry: kite_registry::ClientConfig,
 }
 
+/// `/v1/images/<fsid>/<sub>` -> `fsid` (for that `sub` only).
+fn image_route<'a>(path: &'a str, sub: &str) -> Option<&'a str> {
+    path.strip_prefix("/v1/images/")?
+        .strip_suffix(sub)?
+        .strip_suffix('/')
+        .filter(|fsid| !fsid.is_empty() && !fsid.contains('/'))
+}
+
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
     Response::builder()
@@ -298,15 +306,8 @@ async fn handle(
                 },
             }
         }
-        (Method::GET, p)
-            if p.strip_prefix("/v1/images/")
-                .and_then(|r| r.strip_suffix("/profile"))
-                .is_some() =>
-        {
-            let fsid = p
-                .strip_prefix("/v1/images/")
-                .and_then(|r| r.strip_suffix("/profile"))
-                .unwrap_or_default();
+        (Method::GET, p) if image_route(p, "profile").is_some() => {
+            let fsid = image_route(p, "profile").unwrap_or_default();
             let (img, others) = match ctx.daemon.registry.lock() {
                 Ok(r) => (r.image(fsid), r.images()),
                 Err(_) => (None, Vec::new()),
@@ -336,16 +337,8 @@ async fn handle(
                 None => error(StatusCode::NOT_FOUND, &format!("no image {fsid}")),
             }
         }
-        (Method::POST, p)
-            if p.strip_prefix("/v1/images/")
-                .and_then(|r| r.strip_suffix("/mounts"))
-                .is_some() =>
-        {
-            let fsid = p
-                .strip_prefix("/v1/images/")
-                .and_then(|r| r.strip_suffix("/mounts"))
-                .unwrap_or_default()
-                .to_string();
+        (Method::POST, p) if image_route(p, "mounts").is_some() => {
+            let fsid = image_route(p, "mounts").unwrap_or_default().to_string();
             let body = req.into_body().collect().await?.to_bytes();
             let img = ctx.daemon.registry.lock().ok().and_then(|r| r.image(&fsid));
             match (serde_json::from_slice::<MountNotice>(&body), img) {
@@ -524,17 +517,16 @@ async fn fetch_registry_image(
 }
 
 /// A profile file named by a registration, checked against its bootstrap.
-fn read_profile(path: &Path, bootstrap: &[u8]) -> Result<Profile, DaemonError> {
+fn read_profile(
+    path: &Path,
+    bootstrap: &[u8],
+    parsed: &kite_format::Bootstrap<'_>,
+) -> Result<Profile, DaemonError> {
     let data = std::fs::read(path).map_err(|e| DaemonError::Io {
         what: format!("reading prefetch profile {}", path.display()),
         source: e,
     })?;
-    let parsed =
-        kite_format::Bootstrap::parse(bootstrap).map_err(|e| DaemonError::BadBootstrap {
-            source_name: path.display().to_string(),
-            why: e.to_string(),
-        })?;
-    Profile::parse_for(&data, &kite_format::Digest::of(bootstrap), &parsed).map_err(|e| {
+    Profile::parse_for(&data, &kite_format::Digest::of(bootstrap), parsed).map_err(|e| {
         DaemonError::Config(format!(
             "prefetch profile {}: {e} (`kite mount --no-prefetch` ignores it)",
             path.display()
@@ -561,19 +553,20 @@ async fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterRespon
             // Validate (and hash) before taking the registry lock: a bad or
             // huge bootstrap must not stall or poison the request loop's
             // lookups.
-            kite_format::Bootstrap::parse(&bytes).map_err(|e| DaemonError::BadBootstrap {
-                source_name: bootstrap.display().to_string(),
-                why: e.to_string(),
-            })?;
+            let parsed =
+                kite_format::Bootstrap::parse(&bytes).map_err(|e| DaemonError::BadBootstrap {
+                    source_name: bootstrap.display().to_string(),
+                    why: e.to_string(),
+                })?;
+            let profile = match &r.prefetch {
+                Some(p) => Some(read_profile(p, &bytes, &parsed)?),
+                None => None,
+            };
             let backend: Arc<dyn Backend> = match spec {
                 BackendSpec::Local { dir } => Arc::new(LocalDir::new(dir.clone())),
                 BackendSpec::Http { url } => {
                     Arc::new(Http::new(url, ctx.fetch_timeout).map_err(DaemonError::Config)?)
                 }
-            };
-            let profile = match &r.prefetch {
-                Some(p) => Some(read_profile(p, &bytes)?),
-                None => None,
             };
             (
                 bytes,
@@ -605,9 +598,7 @@ async fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterRespon
         devices: Vec::new(),
         pinned,
         prefetch_chunks: 0,
-        read_ahead_kb: kite_format::Bootstrap::parse(&img.bootstrap)
-            .map(|b| (b.index.chunk_size / 1024).clamp(128, 16 << 10))
-            .unwrap_or(0),
+        read_ahead_kb: (img.chunk_size / 1024).clamp(128, 16 << 10),
     };
     if let Some(fan) = &ctx.fanotify {
         let files = fan.prepare(&img)?;

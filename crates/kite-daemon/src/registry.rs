@@ -25,6 +25,8 @@ pub struct Image {
     pub blobs: Vec<Arc<BlobState>>,
     /// Where it was registered from (for status).
     pub source: String,
+    /// The image's chunk size, in bytes.
+    pub chunk_size: u32,
     /// fanotify path: mountpoints of this image (and whether switched yet)
     /// to remount with direct I/O once every blob is complete (see
     /// [`Image::switch_to_direct_io`]).
@@ -94,7 +96,8 @@ impl Image {
         }
         all.sort_by_key(|(seq, _)| *seq);
         Profile {
-            bootstrap: Digest::of(&self.bootstrap),
+            // The fsid is the bootstrap's sha256, checked at registration.
+            bootstrap: Digest::parse(&self.fsid).unwrap_or_else(|| Digest::of(&self.bootstrap)),
             entries: all.into_iter().map(|(_, e)| e).collect(),
         }
     }
@@ -174,11 +177,13 @@ impl Registry {
                 tracing::warn!(fsid = %fsid, "could not list the chunks the image references ({e}); its blobs complete only when every chunk is fetched")
             }
         }
+        let chunk_size = parsed.index.chunk_size;
         let img = Arc::new(Image {
             fsid: fsid.clone(),
             bootstrap: Arc::new(bootstrap),
             blobs,
             source,
+            chunk_size,
             direct_io_mounts: std::sync::Mutex::new(Vec::new()),
         });
         self.images.insert(fsid, Arc::clone(&img));

@@ -111,6 +111,19 @@ pub fn erofs_bdis() -> std::collections::BTreeSet<String> {
         .unwrap_or_default()
 }
 
+/// A host-wide lock (`/run/lock/kite-mount.lock`, flock) held across a
+/// kite mount, so the EROFS bdi that appears is that mount's. None if it
+/// cannot be taken (not root): the bdi lookup then may find it ambiguous.
+pub fn lock_mounts() -> Option<nix::fcntl::Flock<std::fs::File>> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/lock/kite-mount.lock")
+        .ok()?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).ok()
+}
+
 /// Set the readahead of the EROFS mount made since `before` was taken to
 /// `kb` KiB; returns the bdi's name. Refuses (changing nothing) when not
 /// exactly one EROFS mount appeared meanwhile.

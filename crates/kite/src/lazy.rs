@@ -156,13 +156,7 @@ pub async fn mount(
         .context("registering the image with the daemon")?;
     // Which EROFS bdi is this mount's: the one that appears across
     // mount(2). Other kite mounts are kept out of that window by a lock.
-    let serial = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open("/run/lock/kite-mount.lock")
-        .and_then(|f| f.lock().map(|()| f))
-        .ok();
+    let serial = kite_kernel::mount::lock_mounts();
     let bdis = kite_kernel::mount::erofs_bdis();
     let mounted = match &reg.bootstrap_path {
         Some(boot) => {

@@ -561,19 +561,8 @@ fn a_recorded_profile_is_prefetched_on_the_next_cold_mount() {
     for (name, data) in &files[..3] {
         assert_eq!(&std::fs::read(m.mnt.join(name)).unwrap(), data);
     }
-    let said = kite_ok(&[
-        "profile",
-        m.mnt.to_str().unwrap(),
-        conv.to_str().unwrap(),
-        "--socket",
-        d.socket.to_str().unwrap(),
-    ]);
-    let n: u64 = said
-        .split_whitespace()
-        .nth(2)
-        .and_then(|w| w.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected output: {said}"));
-    assert_eq!(n, 6, "a, b and c are 6 chunks: {said}");
+    let n = d.save_profile(&m.mnt, &conv);
+    assert_eq!(n, 6, "a, b and c are 6 chunks");
     m.umount();
     d.stop();
 

@@ -743,20 +743,16 @@ fn a_pushed_prefetch_profile_is_fetched_and_replayed_by_a_registry_mount() {
     let rec = start_daemon(&d.join("rec"));
     let m = rec.mount(&conv, &d.join("rec-mnt"), &[]);
     let first = read_all(&m.mnt);
-    let said = kite_ok(&[
-        "profile",
-        m.mnt.to_str().unwrap(),
-        conv.to_str().unwrap(),
-        "--socket",
-        rec.socket.to_str().unwrap(),
-    ]);
+    let n = rec.save_profile(&m.mnt, &conv);
     let recorded = rec.blob_sum("fetched_chunks");
     m.umount();
     rec.stop();
-    let n: u64 = said.split_whitespace().nth(2).unwrap().parse().unwrap();
     // Every chunk read, at most what was fetched (readahead may fetch
     // chunks nobody read).
-    assert!(n > 0 && n <= recorded, "{said} ({recorded} fetched)");
+    assert!(
+        n > 0 && n <= recorded,
+        "{n} in the profile, {recorded} fetched"
+    );
     let out = ok(
         kite_with(&["push", conv.to_str().unwrap(), &reference], &[], None),
         "push with profile",

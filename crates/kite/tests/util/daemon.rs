@@ -128,6 +128,23 @@ impl Daemon {
         }
     }
 
+    /// `kite profile MNT IMAGE_DIR` through this daemon: how many chunks
+    /// the saved profile lists.
+    pub fn save_profile(&self, mnt: &Path, image_dir: &Path) -> u64 {
+        let said = kite_ok(&[
+            "profile",
+            mnt.to_str().unwrap(),
+            image_dir.to_str().unwrap(),
+            "--socket",
+            self.socket.to_str().unwrap(),
+        ]);
+        // "profile of N chunks saved in ..."
+        said.split_whitespace()
+            .nth(2)
+            .and_then(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected output of kite profile: {said}"))
+    }
+
     /// Stop with SIGTERM and wait.
     pub fn stop(mut self) {
         self.terminate();
