@@ -9,7 +9,7 @@
 use std::fs;
 use std::path::Path;
 
-use kite_format::prefetch::Profile;
+use kite_format::prefetch::{Footprint, Profile};
 use kite_format::{Bootstrap, Digest};
 use kite_oci::{media, Descriptor, Layout, Manifest};
 
@@ -18,9 +18,17 @@ use crate::{ConvertError, BOOTSTRAP_NAME};
 /// File name of the profile in a kite image directory.
 pub const PREFETCH_NAME: &str = "prefetch";
 
+/// What [`attach_profile`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attached {
+    /// Digest of the new kite manifest.
+    pub manifest: String,
+    /// What prefetching the profile will fetch.
+    pub footprint: Footprint,
+}
+
 /// Check `profile` against the directory's bootstrap and attach it.
-/// Returns the new manifest digest.
-pub fn attach_profile(dir: &Path, profile: &Profile) -> Result<String, ConvertError> {
+pub fn attach_profile(dir: &Path, profile: &Profile) -> Result<Attached, ConvertError> {
     let boot_path = dir.join(BOOTSTRAP_NAME);
     let boot = fs::read(&boot_path).map_err(|e| ConvertError::io(&boot_path, e))?;
     let parsed = Bootstrap::parse(&boot)?;
@@ -97,7 +105,10 @@ pub fn attach_profile(dir: &Path, profile: &Profile) -> Result<String, ConvertEr
             let _ = fs::remove_file(old);
         }
     }
-    Ok(manifest_digest)
+    Ok(Attached {
+        manifest: manifest_digest,
+        footprint: profile.footprint(&parsed),
+    })
 }
 
 #[cfg(test)]
@@ -145,9 +156,16 @@ mod tests {
             bootstrap: Digest::of(&boot),
             entries: vec![Entry { blob: 0, chunk: 1 }, Entry { blob: 0, chunk: 0 }],
         };
-        let d1 = attach_profile(&dir, &p).unwrap();
+        let attached = attach_profile(&dir, &p).unwrap();
         let (digest, m) = manifest_of(&dir);
-        assert_eq!(digest, d1);
+        assert_eq!(digest, attached.manifest);
+        // Both files' chunks: 9000 + 3 bytes; the run of 7s compresses.
+        assert_eq!(attached.footprint.uncompressed_bytes, 9003);
+        assert!(
+            attached.footprint.stored_bytes > 0 && attached.footprint.stored_bytes < 9003,
+            "{:?}",
+            attached.footprint
+        );
         assert_ne!(digest, old_digest);
         assert_eq!(m.layers.len(), old.layers.len() + 1);
         let pf = profile_layers(&m);
@@ -174,7 +192,12 @@ mod tests {
             .blob_path(&pf[0].digest)
             .unwrap();
         p.entries.truncate(1);
-        attach_profile(&dir, &p).unwrap();
+        let attached = attach_profile(&dir, &p).unwrap();
+        assert!(
+            [3, 9000].contains(&attached.footprint.uncompressed_bytes),
+            "{:?}",
+            attached.footprint
+        );
         assert!(!first.exists(), "the replaced profile was left behind");
         let (_, m) = manifest_of(&dir);
         let pf = profile_layers(&m);

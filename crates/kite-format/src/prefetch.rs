@@ -46,6 +46,13 @@ pub struct Profile {
     pub entries: Vec<Entry>,
 }
 
+/// Bytes a profile's chunks take, stored and uncompressed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Footprint {
+    pub stored_bytes: u64,
+    pub uncompressed_bytes: u64,
+}
+
 /// Why a profile was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProfileError {
@@ -181,6 +188,25 @@ impl Profile {
         let p = Self::decode(data)?;
         p.check(bootstrap_digest, boot)?;
         Ok(p)
+    }
+
+    /// What prefetching the profile costs: the stored (compressed) bytes
+    /// fetched and the uncompressed bytes made present. Entries outside
+    /// `boot` (an unchecked profile) are not counted.
+    pub fn footprint(&self, boot: &Bootstrap<'_>) -> Footprint {
+        let blobs: Vec<_> = boot.index.blobs().collect();
+        let mut f = Footprint::default();
+        for e in &self.entries {
+            let Some(b) = blobs.get(e.blob as usize) else {
+                continue;
+            };
+            if (e.chunk as usize) < b.chunk_count {
+                let c = boot.index.chunk(b, e.chunk as usize);
+                f.stored_bytes += u64::from(c.compressed_size);
+                f.uncompressed_bytes += u64::from(c.uncompressed_size);
+            }
+        }
+        f
     }
 
     /// The chunks of blob `blob`, in profile order.

@@ -253,12 +253,15 @@ pub async fn save_profile(mountpoint: &Path, image_dir: &Path, socket: &Path) ->
             .map(|&(blob, chunk)| kite_format::prefetch::Entry { blob, chunk })
             .collect(),
     };
-    let manifest = kite_convert::profile::attach_profile(image_dir, &profile)
+    let attached = kite_convert::profile::attach_profile(image_dir, &profile)
         .with_context(|| format!("saving the profile into {}", image_dir.display()))?;
     println!(
-        "profile of {} chunks saved in {}; kite manifest now {manifest}",
+        "profile of {} chunks ({} stored, {} uncompressed) saved in {}; kite manifest now {}",
         profile.entries.len(),
-        image_dir.display()
+        crate::mib(attached.footprint.stored_bytes),
+        crate::mib(attached.footprint.uncompressed_bytes),
+        image_dir.display(),
+        attached.manifest
     );
     Ok(())
 }
