@@ -31,6 +31,19 @@ use crate::backend::{Backend, FetchError};
 /// Per-chunk outcome published to waiters: `None` while in flight.
 type Outcome = Option<Result<(), String>>;
 
+/// How one chunk of a fetch run ended on the blocking pool and the writer.
+enum ChunkStep {
+    /// Verified, decoded and written into the cache.
+    Written,
+    /// The decoder refused it (`corrupt`: the stored bytes were bad) or
+    /// had nothing to decode (the fetch failed).
+    Decode { corrupt: bool, why: String },
+    /// The cache write failed.
+    Write(String),
+    /// The decode or write task died.
+    Task(String),
+}
+
 /// Answers the chunks of a fetch run that were not answered when the task
 /// ends: if a fetch task panics, its waiters get an error and its in-flight
 /// entries are cleared instead of lingering until the blob is forgotten.
@@ -930,8 +943,10 @@ impl BlobState {
                 }),
             };
         let target = object.target();
-        // Decode every chunk of the run on the blocking pool, concurrently.
-        let decodes: Vec<_> = run
+        // Decode every chunk of the run on the blocking pool, and write
+        // each into the cache as soon as it is decoded: decodes and writes
+        // of the run overlap; outcomes are published in the run's order.
+        let jobs: Vec<_> = run
             .iter()
             .map(|&i| {
                 let rec = self.chunks[i];
@@ -940,18 +955,30 @@ impl BlobState {
                     let off = (rec.compressed_offset - start) as usize;
                     bytes.slice(off..off + rec.compressed_size as usize)
                 });
-                tokio::task::spawn_blocking(move || -> Result<AlignedBuf, (bool, String)> {
-                    let stored = part.ok_or((false, String::new()))?;
-                    // Decode straight into the page-aligned buffer whose
-                    // padded extent is written to the cache: the decoder
-                    // fills the head, the padding is zero.
-                    let n = rec.uncompressed_size as usize;
-                    let mut buf = AlignedBuf::with_zero_tail(align4k(n as u64) as usize, n);
-                    with_decoder(|dec| {
-                        dec.decode_into(digest, i, &rec, &stored, buf.as_mut_slice())
-                            .map_err(|e| (true, e.to_string()))
-                    })?;
-                    Ok(buf)
+                let decode =
+                    tokio::task::spawn_blocking(move || -> Result<AlignedBuf, (bool, String)> {
+                        let stored = part.ok_or((false, String::new()))?;
+                        // Decode straight into the page-aligned buffer whose
+                        // padded extent is written to the cache: the decoder
+                        // fills the head, the padding is zero.
+                        let n = rec.uncompressed_size as usize;
+                        let mut buf = AlignedBuf::with_zero_tail(align4k(n as u64) as usize, n);
+                        with_decoder(|dec| {
+                            dec.decode_into(digest, i, &rec, &stored, buf.as_mut_slice())
+                                .map_err(|e| (true, e.to_string()))
+                        })?;
+                        Ok(buf)
+                    });
+                let object = Arc::clone(&object);
+                tokio::spawn(async move {
+                    match decode.await {
+                        Err(e) => ChunkStep::Task(e.to_string()),
+                        Ok(Err((corrupt, why))) => ChunkStep::Decode { corrupt, why },
+                        Ok(Ok(buf)) => match object.write_at(rec.uncompressed_offset, buf).await {
+                            Ok(()) => ChunkStep::Written,
+                            Err(e) => ChunkStep::Write(e.to_string()),
+                        },
+                    }
                 })
             })
             .collect();
@@ -960,36 +987,34 @@ impl BlobState {
             target,
             pending: run.iter().copied().zip(senders).rev().collect(),
         };
-        for ((&i, task), asked) in run.iter().zip(decodes).zip(requested) {
-            let rec = self.chunks[i];
+        for ((&i, job), asked) in run.iter().zip(jobs).zip(requested) {
             // `remote`: the backend or its bytes were at fault (worth
             // remembering); otherwise the fault is local.
-            let (outcome, remote) = match (&fetched, task.await) {
+            let step = job.await.unwrap_or_else(|e| ChunkStep::Task(e.to_string()));
+            let (outcome, remote) = match (&fetched, step) {
                 (Err(e), _) => (Err(e.to_string()), true),
-                (Ok(_), Err(e)) => (
+                (Ok(_), ChunkStep::Task(e)) => (
                     Err(format!("blob {} chunk {i}: decoder task: {e}", self.digest)),
                     false,
                 ),
-                (Ok(_), Ok(Err((corrupt, why)))) => {
+                (Ok(_), ChunkStep::Decode { corrupt, why }) => {
                     if corrupt {
                         self.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(blob = %self.digest, chunk = i, "refusing corrupt chunk: {why}");
                     }
                     (Err(why), corrupt)
                 }
-                (Ok(_), Ok(Ok(buf))) => match object.write_at(rec.uncompressed_offset, buf).await {
-                    Ok(()) => {
-                        self.mark_fetched(i);
-                        (Ok(()), false)
-                    }
-                    Err(e) => (
-                        Err(format!(
-                            "blob {} chunk {i}: writing the cache: {e}",
-                            self.digest
-                        )),
-                        false,
-                    ),
-                },
+                (Ok(_), ChunkStep::Written) => {
+                    self.mark_fetched(i);
+                    (Ok(()), false)
+                }
+                (Ok(_), ChunkStep::Write(e)) => (
+                    Err(format!(
+                        "blob {} chunk {i}: writing the cache: {e}",
+                        self.digest
+                    )),
+                    false,
+                ),
             };
             if let Ok(mut failed) = self.failed.lock() {
                 match &outcome {
