@@ -171,10 +171,13 @@ pub(crate) fn write(
     // Check what we wrote parses, before anybody else trusts it.
     kite_format::Bootstrap::parse(&bootstrap)?;
     let boot_digest = Digest::of(&bootstrap);
-    let boot_path = blob_dir.join(boot_digest.hex());
-    write_synced(&boot_path, &bootstrap)?;
-    let link = staging.tmp.join(BOOTSTRAP_NAME);
-    fs::hard_link(&boot_path, &link).map_err(|e| ConvertError::io(&link, e))?;
+    write_synced(&staging.tmp.join(BOOTSTRAP_NAME), &bootstrap)?;
+    // Published compressed (about a third of the size): it is fetched
+    // whole before a first mount. The uncompressed bootstrap is the
+    // `bootstrap` file, for local mounts and tools.
+    let boot_frame = kite_format::compress_bootstrap(&bootstrap)?;
+    let boot_frame_digest = Digest::of(&boot_frame);
+    write_synced(&blob_dir.join(boot_frame_digest.hex()), &boot_frame)?;
 
     let config = KiteConfig {
         kite_format: kite_format::index::INDEX_VERSION,
@@ -188,11 +191,20 @@ pub(crate) fn write(
     let config_digest = kite_oci::write_blob(&staging.tmp, &config_bytes)?;
 
     let mut layers = vec![Descriptor {
-        media_type: media::KITE_BOOTSTRAP.into(),
-        digest: boot_digest.oci(),
-        size: bootstrap.len() as u64,
+        media_type: media::KITE_BOOTSTRAP_ZSTD.into(),
+        digest: boot_frame_digest.oci(),
+        size: boot_frame.len() as u64,
         platform: None,
-        annotations: BTreeMap::new(),
+        annotations: BTreeMap::from([
+            (
+                kite_oci::ANNOTATION_BOOTSTRAP_DIGEST.to_string(),
+                boot_digest.oci(),
+            ),
+            (
+                kite_oci::ANNOTATION_BOOTSTRAP_SIZE.to_string(),
+                bootstrap.len().to_string(),
+            ),
+        ]),
         artifact_type: None,
     }];
     layers.extend(layer_descs);

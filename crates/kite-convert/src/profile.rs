@@ -49,12 +49,13 @@ pub fn attach_profile(dir: &Path, profile: &Profile) -> Result<Attached, Convert
     let bytes = layout.read_verified(desc, "kite manifest")?;
     let mut manifest: Manifest = serde_json::from_slice(&bytes)
         .map_err(|e| ConvertError::Profile(format!("kite manifest {}: {e}", desc.digest)))?;
-    if manifest.config.media_type != media::KITE_CONFIG
-        || !manifest
-            .layers
-            .iter()
-            .any(|l| l.media_type == media::KITE_BOOTSTRAP && l.digest == boot_digest.oci())
-    {
+    let has_bootstrap = manifest.layers.iter().any(|l| {
+        kite_oci::BootstrapLayer::of(l)
+            .ok()
+            .flatten()
+            .is_some_and(|b| b.digest == boot_digest.oci())
+    });
+    if manifest.config.media_type != media::KITE_CONFIG || !has_bootstrap {
         return Err(ConvertError::Profile(format!(
             "manifest {} is not the kite manifest of bootstrap {}",
             desc.digest,

@@ -446,19 +446,43 @@ async fn fetch_registry_image(
             m.config.media_type
         )));
     }
-    let boots: Vec<_> = m
-        .layers
-        .iter()
-        .filter(|d| d.media_type == media::KITE_BOOTSTRAP)
-        .collect();
-    let [boot] = boots.as_slice() else {
+    let mut boots = Vec::new();
+    for d in &m.layers {
+        if let Some(b) = kite_oci::BootstrapLayer::of(d).map_err(bad)? {
+            boots.push((d, b));
+        }
+    }
+    let [(boot, inner)] = boots.as_slice() else {
         return Err(bad(format!(
             "{} bootstrap layers; a kite image has exactly one",
             boots.len()
         )));
     };
-    // Verified against the descriptor's digest and size by the client.
-    let bytes = repo.fetch_blob(boot, 1 << 30).await?;
+    const MAX_BOOTSTRAP: u64 = 1 << 30;
+    if inner.size > MAX_BOOTSTRAP {
+        return Err(bad(format!(
+            "bootstrap layer {} says the bootstrap is {} bytes, more than kite accepts ({MAX_BOOTSTRAP})",
+            boot.digest, inner.size
+        )));
+    }
+    // Verified against the descriptor's digest and size by the client; a
+    // compressed one then against the digest and size its annotations
+    // give, which the (verified) manifest carries.
+    let fetched = repo.fetch_blob(boot, MAX_BOOTSTRAP).await?;
+    let bytes = if inner.compressed {
+        let want = kite_format::Digest::parse(&inner.digest)
+            .ok_or_else(|| bad(format!("bootstrap digest {}", inner.digest)))?;
+        bytes::Bytes::from(
+            kite_format::decompress_bootstrap(&fetched, inner.size, &want).map_err(|e| {
+                DaemonError::BadBootstrap {
+                    source_name: format!("{} of {pinned}", boot.digest),
+                    why: e.to_string(),
+                }
+            })?,
+        )
+    } else {
+        fetched
+    };
     let parsed = kite_format::Bootstrap::parse(&bytes).map_err(|e| DaemonError::BadBootstrap {
         source_name: format!("{} of {pinned}", boot.digest),
         why: e.to_string(),

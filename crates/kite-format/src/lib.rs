@@ -48,6 +48,8 @@ pub enum FormatError {
     },
     #[error("zstd compression failed")]
     Compress(#[source] std::io::Error),
+    #[error("compressed bootstrap: {0}")]
+    CompressedBootstrap(String),
 }
 
 /// A sha256 digest.
@@ -172,6 +174,56 @@ impl ChunkEncoder {
 /// Compress one chunk with a fresh encoder (see [`ChunkEncoder::encode`]).
 pub fn compress_chunk(data: &[u8], level: i32) -> Result<(Vec<u8>, u32), FormatError> {
     ChunkEncoder::new(level)?.encode(data)
+}
+
+/// zstd level of the bootstrap as published: it is compressed once and
+/// fetched before every first mount, so it gets more effort than chunks.
+pub const BOOTSTRAP_ZSTD_LEVEL: i32 = 9;
+
+/// The bootstrap as one zstd frame (with its content size), for publishing.
+pub fn compress_bootstrap(bootstrap: &[u8]) -> Result<Vec<u8>, FormatError> {
+    let mut enc =
+        zstd::bulk::Compressor::new(BOOTSTRAP_ZSTD_LEVEL).map_err(FormatError::Compress)?;
+    enc.include_contentsize(true)
+        .map_err(FormatError::Compress)?;
+    enc.compress(bootstrap).map_err(FormatError::Compress)
+}
+
+/// Decompress a published bootstrap that must be `size` bytes with sha256
+/// `digest`; never allocates more than `size` (callers bound it).
+pub fn decompress_bootstrap(
+    frame: &[u8],
+    size: u64,
+    digest: &Digest,
+) -> Result<Vec<u8>, FormatError> {
+    let bad = |why: String| FormatError::CompressedBootstrap(why);
+    let cap = usize::try_from(size).map_err(|_| bad(format!("size {size} too large")))?;
+    let mut out = Vec::with_capacity(cap);
+    // One byte more than declared, to tell "too long" from "exactly".
+    let mut reader = std::io::Read::take(
+        zstd::stream::read::Decoder::new(frame).map_err(|e| bad(e.to_string()))?,
+        size + 1,
+    );
+    std::io::Read::read_to_end(&mut reader, &mut out).map_err(|e| bad(format!("zstd: {e}")))?;
+    if out.len() as u64 != size {
+        return Err(bad(format!(
+            "{} bytes after decompression, the manifest says {size}",
+            if out.len() as u64 > size {
+                format!("more than {size}")
+            } else {
+                out.len().to_string()
+            }
+        )));
+    }
+    let got = Digest::of(&out);
+    if &got != digest {
+        return Err(bad(format!(
+            "decompresses to {}, the manifest says {}",
+            got.oci(),
+            digest.oci()
+        )));
+    }
+    Ok(out)
 }
 
 /// A reusable chunk decoder that verifies everything it returns.
@@ -313,6 +365,35 @@ impl<'a> Bootstrap<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bootstrap_compression_round_trips_and_checks_size_and_digest() {
+        let boot: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
+        let frame = compress_bootstrap(&boot).unwrap();
+        assert!(frame.len() < boot.len() / 4, "{} bytes", frame.len());
+        let d = Digest::of(&boot);
+        let n = boot.len() as u64;
+        assert_eq!(decompress_bootstrap(&frame, n, &d).unwrap(), boot);
+        let e = decompress_bootstrap(&frame, n - 1, &d)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("more than {}", n - 1)), "{e}");
+        let e = decompress_bootstrap(&frame, n + 1, &d)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("{n} bytes after")), "{e}");
+        let e = decompress_bootstrap(&frame, n, &Digest::of(b"x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&d.oci()), "{e}");
+        let mut bad = frame.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x55;
+        assert!(decompress_bootstrap(&bad, n, &d).is_err());
+        assert!(decompress_bootstrap(b"not zstd", n, &d).is_err());
+    }
 
     #[test]
     fn chunk_size_parsing() {

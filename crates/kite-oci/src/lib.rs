@@ -39,7 +39,12 @@ pub mod media {
     /// kite's own media types.
     pub const KITE_ARTIFACT: &str = "application/vnd.kite.image.v1";
     pub const KITE_CONFIG: &str = "application/vnd.kite.image.config.v1+json";
+    /// The bootstrap as is (images converted before bootstraps were
+    /// compressed; still mounted).
     pub const KITE_BOOTSTRAP: &str = "application/vnd.kite.bootstrap.v1.erofs";
+    /// The bootstrap as one zstd frame; the descriptor's annotations name
+    /// the uncompressed digest and size ([`super::BootstrapLayer`]).
+    pub const KITE_BOOTSTRAP_ZSTD: &str = "application/vnd.kite.bootstrap.v1.erofs+zstd";
     pub const KITE_BLOB: &str = "application/vnd.kite.blob.v1.chunked-zstd";
     /// A prefetch profile (`kite_format::prefetch`); at most one per image.
     pub const KITE_PREFETCH: &str = "application/vnd.kite.prefetch.v1";
@@ -52,6 +57,65 @@ pub const ANNOTATION_SOURCE_REF: &str = "dev.kite.source.reference";
 /// Annotation on a blob descriptor naming the layer it came from.
 pub const ANNOTATION_SOURCE_LAYER: &str = "dev.kite.source.layer.digest";
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// Annotation on a compressed bootstrap layer: sha256 of the bootstrap
+/// itself (the image's fsid).
+pub const ANNOTATION_BOOTSTRAP_DIGEST: &str = "dev.kite.bootstrap.digest";
+/// Annotation on a compressed bootstrap layer: the bootstrap's size.
+pub const ANNOTATION_BOOTSTRAP_SIZE: &str = "dev.kite.bootstrap.size";
+
+/// A manifest layer that carries the bootstrap, either as is or
+/// zstd-compressed, and what the bootstrap inside it must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootstrapLayer {
+    /// `sha256:<hex>` of the (uncompressed) bootstrap.
+    pub digest: String,
+    /// Size of the (uncompressed) bootstrap.
+    pub size: u64,
+    /// The layer's bytes are one zstd frame.
+    pub compressed: bool,
+}
+
+impl BootstrapLayer {
+    /// `Ok(None)` if `desc` is not a bootstrap layer; an error naming the
+    /// layer if it is one whose annotations are missing or malformed.
+    pub fn of(desc: &Descriptor) -> Result<Option<Self>, String> {
+        if desc.media_type == media::KITE_BOOTSTRAP {
+            return Ok(Some(Self {
+                digest: desc.digest.clone(),
+                size: desc.size,
+                compressed: false,
+            }));
+        }
+        if desc.media_type != media::KITE_BOOTSTRAP_ZSTD {
+            return Ok(None);
+        }
+        let digest = desc
+            .annotations
+            .get(ANNOTATION_BOOTSTRAP_DIGEST)
+            .filter(|d| digest_hex(d).is_ok())
+            .ok_or_else(|| {
+                format!(
+                    "compressed bootstrap layer {} has no valid {ANNOTATION_BOOTSTRAP_DIGEST} annotation",
+                    desc.digest
+                )
+            })?;
+        let size = desc
+            .annotations
+            .get(ANNOTATION_BOOTSTRAP_SIZE)
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| {
+                format!(
+                    "compressed bootstrap layer {} has no valid {ANNOTATION_BOOTSTRAP_SIZE} annotation",
+                    desc.digest
+                )
+            })?;
+        Ok(Some(Self {
+            digest: digest.clone(),
+            size,
+            compressed: true,
+        }))
+    }
+}
 
 /// Errors reading or writing OCI structures.
 #[derive(Debug, thiserror::Error)]
@@ -458,6 +522,63 @@ mod tests {
         let want = Platform::parse("linux/amd64").unwrap();
         assert!(Platform::parse("linux/amd64").unwrap().matches(&want));
         assert!(!p.matches(&want));
+    }
+
+    #[test]
+    fn bootstrap_layers_plain_and_compressed() {
+        let d = |media: &str, ann: &[(&str, &str)]| Descriptor {
+            media_type: media.into(),
+            digest: format!("sha256:{}", "c".repeat(64)),
+            size: 10,
+            platform: None,
+            annotations: ann
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            artifact_type: None,
+        };
+        assert_eq!(BootstrapLayer::of(&d(media::KITE_BLOB, &[])), Ok(None));
+        let plain = BootstrapLayer::of(&d(media::KITE_BOOTSTRAP, &[])).unwrap();
+        assert_eq!(
+            plain,
+            Some(BootstrapLayer {
+                digest: format!("sha256:{}", "c".repeat(64)),
+                size: 10,
+                compressed: false
+            })
+        );
+        let inner = format!("sha256:{}", "b".repeat(64));
+        let z = BootstrapLayer::of(&d(
+            media::KITE_BOOTSTRAP_ZSTD,
+            &[
+                (ANNOTATION_BOOTSTRAP_DIGEST, &inner),
+                (ANNOTATION_BOOTSTRAP_SIZE, "4096"),
+            ],
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (z.digest.as_str(), z.size, z.compressed),
+            (inner.as_str(), 4096, true)
+        );
+        // Missing or malformed annotations name the layer and the annotation.
+        for ann in [
+            vec![(ANNOTATION_BOOTSTRAP_SIZE, "4096")],
+            vec![
+                (ANNOTATION_BOOTSTRAP_DIGEST, "sha256:../x"),
+                (ANNOTATION_BOOTSTRAP_SIZE, "1"),
+            ],
+            vec![
+                (ANNOTATION_BOOTSTRAP_DIGEST, inner.as_str()),
+                (ANNOTATION_BOOTSTRAP_SIZE, "-1"),
+            ],
+        ] {
+            let e = BootstrapLayer::of(&d(media::KITE_BOOTSTRAP_ZSTD, &ann)).unwrap_err();
+            assert!(
+                e.contains(&"c".repeat(64)) && e.contains("dev.kite.bootstrap."),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -154,16 +154,40 @@ fn oci_output_names_bootstrap_and_blobs() {
     )
     .unwrap();
     let layers = manifest["layers"].as_array().unwrap();
+    // The bootstrap is published as one zstd frame whose annotations name
+    // the bootstrap's own digest and size.
     assert_eq!(
         layers[0]["mediaType"],
-        "application/vnd.kite.bootstrap.v1.erofs"
+        "application/vnd.kite.bootstrap.v1.erofs+zstd"
     );
     let boot = std::fs::read(conv.join("bootstrap")).unwrap();
     use sha2::Digest;
+    let ann = &layers[0]["annotations"];
     assert_eq!(
-        layers[0]["digest"].as_str().unwrap(),
+        ann["dev.kite.bootstrap.digest"].as_str().unwrap(),
         format!("sha256:{}", hex(&sha2::Sha256::digest(&boot)))
     );
+    assert_eq!(
+        ann["dev.kite.bootstrap.size"].as_str().unwrap(),
+        boot.len().to_string()
+    );
+    let frame = std::fs::read(
+        conv.join("blobs/sha256").join(
+            layers[0]["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:"),
+        ),
+    )
+    .unwrap();
+    assert_eq!(frame.len() as u64, layers[0]["size"].as_u64().unwrap());
+    assert!(
+        frame.len() < boot.len() / 2,
+        "{} of {}",
+        frame.len(),
+        boot.len()
+    );
+    assert_eq!(zstd::decode_all(&frame[..]).unwrap(), boot);
     let src = manifest["annotations"]["dev.kite.source.manifest.digest"]
         .as_str()
         .unwrap();

@@ -692,10 +692,11 @@ fn a_corrupt_bootstrap_in_the_registry_is_refused() {
     let d = dir.path();
     let reference = format!("{}/kite/example:v1", reg.addr);
     let (_, conv, _) = convert_and_push(d, &["example"], &reference);
-    let boot = format!(
-        "sha256:{}",
-        hex_sha256(&std::fs::read(conv.join("bootstrap")).unwrap())
-    );
+    // The bootstrap layer (compressed) as the registry stores it.
+    let boot = manifest_of(&conv)["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let stored = reg.blob_file(&boot);
     let mut bytes = std::fs::read(&stored).unwrap();
     bytes[2000] ^= 0x40;
@@ -716,6 +717,126 @@ fn a_corrupt_bootstrap_in_the_registry_is_refused() {
         0,
         "image registered anyway"
     );
+}
+
+/// The kite manifest of an image directory.
+fn manifest_of(dir: &Path) -> serde_json::Value {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let mdigest = index["manifests"][0]["digest"].as_str().unwrap();
+    serde_json::from_slice(&std::fs::read(dir.join("blobs/sha256").join(&mdigest[7..])).unwrap())
+        .unwrap()
+}
+
+/// Store `data` as a blob of an image directory; its digest.
+fn add_blob(dir: &Path, data: &[u8]) -> String {
+    let digest = format!("sha256:{}", hex_sha256(data));
+    std::fs::write(dir.join("blobs/sha256").join(&digest[7..]), data).unwrap();
+    digest
+}
+
+/// Rewrite an image directory's kite manifest with `edit` (a test's way
+/// to publish what a broken or an older converter would have).
+fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut manifest = manifest_of(dir);
+    edit(&mut manifest);
+    let mbytes = serde_json::to_vec(&manifest).unwrap();
+    let new_digest = add_blob(dir, &mbytes);
+    let index_path = dir.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    index["manifests"][0]["digest"] = new_digest.into();
+    index["manifests"][0]["size"] = mbytes.len().into();
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+#[test]
+fn compressed_bootstraps_are_checked_against_the_manifest_and_plain_ones_still_mount() {
+    let test = "compressed_bootstraps_are_checked_against_the_manifest_and_plain_ones_still_mount";
+    if !require(test, fanotify_path()) {
+        return;
+    }
+    let Some((dir, reg)) = setup(test) else {
+        return;
+    };
+    let d = dir.path();
+    let reference = format!("{}/kite/example:v1", reg.addr);
+    let (_, conv, _) = convert_and_push(d, &["example"], &reference);
+    let daemon = start_daemon(&d.join("daemon"));
+    let mnt = d.join("mnt");
+    ok(mount_ref(&daemon, &reference, &mnt), "mount");
+    let want = read_all(&mnt);
+    umount(&daemon, &mnt);
+    let boot = std::fs::read(conv.join("bootstrap")).unwrap();
+    let layer = manifest_of(&conv)["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The frame is fine, the manifest's annotations are not: each is
+    // refused naming the layer, and nothing is mounted or registered.
+    let cases: [(&str, serde_json::Value, &str); 2] = [
+        (
+            "dev.kite.bootstrap.digest",
+            format!("sha256:{}", "0".repeat(64)).into(),
+            "decompresses to",
+        ),
+        (
+            "dev.kite.bootstrap.size",
+            (boot.len() - 4096).to_string().into(),
+            "bytes after decompression",
+        ),
+    ];
+    for (k, (key, value, why)) in cases.into_iter().enumerate() {
+        let img = d.join(format!("bad{k}"));
+        copy_dir(&conv, &img);
+        edit_manifest(&img, |m| m["layers"][0]["annotations"][key] = value);
+        let r = format!("{}/kite/bad{k}:v1", reg.addr);
+        ok(
+            kite_with(&["push", img.to_str().unwrap(), &r], &[], None),
+            "push",
+        );
+        let o = mount_ref(&daemon, &r, &mnt);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{key}: {err}");
+        assert!(err.contains(&layer) && err.contains(why), "{key}: {err}");
+        assert!(!std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(mnt.to_str().unwrap()));
+        assert_eq!(daemon.status()["images"].as_array().unwrap().len(), 0);
+    }
+
+    // An image published before bootstraps were compressed: the layer is
+    // the bootstrap itself. It mounts and reads the same.
+    let old = d.join("old");
+    copy_dir(&conv, &old);
+    let plain = add_blob(&old, &boot);
+    edit_manifest(&old, |m| {
+        m["layers"][0] = serde_json::json!({
+            "mediaType": "application/vnd.kite.bootstrap.v1.erofs",
+            "digest": plain,
+            "size": boot.len(),
+        })
+    });
+    let r = format!("{}/kite/old:v1", reg.addr);
+    ok(
+        kite_with(&["push", old.to_str().unwrap(), &r], &[], None),
+        "push old",
+    );
+    ok(mount_ref(&daemon, &r, &mnt), "mount old");
+    assert!(
+        read_all(&mnt) == want,
+        "the old-format image reads differently"
+    );
+    umount(&daemon, &mnt);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let st = std::process::Command::new("cp")
+        .args(["-a", from.to_str().unwrap(), to.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(st.success());
 }
 
 fn hex_sha256(data: &[u8]) -> String {
@@ -804,32 +925,17 @@ fn a_pushed_prefetch_profile_is_fetched_and_replayed_by_a_registry_mount() {
         &["--chunk-size", "64K"],
     );
     let profile = std::fs::read(conv.join("prefetch")).unwrap();
-    let pdigest = format!("sha256:{}", hex_sha256(&profile));
-    let blobs = other.join("blobs/sha256");
-    std::fs::write(blobs.join(&pdigest[7..]), &profile).unwrap();
-    let index_path = other.join("index.json");
-    let mut index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
-    let mdigest = index["manifests"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let mut manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(blobs.join(&mdigest[7..])).unwrap()).unwrap();
-    manifest["layers"]
-        .as_array_mut()
-        .unwrap()
-        .push(serde_json::json!({
-            "mediaType": "application/vnd.kite.prefetch.v1",
-            "digest": pdigest,
-            "size": profile.len(),
-        }));
-    let mbytes = serde_json::to_vec(&manifest).unwrap();
-    let new_digest = format!("sha256:{}", hex_sha256(&mbytes));
-    std::fs::write(blobs.join(&new_digest[7..]), &mbytes).unwrap();
-    index["manifests"][0]["digest"] = new_digest.into();
-    index["manifests"][0]["size"] = mbytes.len().into();
-    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    let pdigest = add_blob(&other, &profile);
+    edit_manifest(&other, |manifest| {
+        manifest["layers"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "mediaType": "application/vnd.kite.prefetch.v1",
+                "digest": pdigest,
+                "size": profile.len(),
+            }))
+    });
     let foreign = format!("{}/kite/foreign:v1", reg.addr);
     ok(
         kite_with(&["push", other.to_str().unwrap(), &foreign], &[], None),
