@@ -5,8 +5,10 @@
 //!
 //! ```text
 //! DIR/oci-layout, DIR/index.json      OCI layout naming the kite manifest
-//! DIR/blobs/sha256/<hex>              bootstrap, data blobs, config, manifest
-//! DIR/bootstrap                       hardlink to the bootstrap blob
+//! DIR/blobs/sha256/<hex>              the bootstrap as one zstd frame (the
+//!                                     layer pushed), data blobs, config,
+//!                                     manifest
+//! DIR/bootstrap                       the bootstrap, for local mounts
 //! ```
 //!
 //! All of it is built in a temporary sibling directory ([`Staging`]) that is

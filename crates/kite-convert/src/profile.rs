@@ -49,12 +49,11 @@ pub fn attach_profile(dir: &Path, profile: &Profile) -> Result<Attached, Convert
     let bytes = layout.read_verified(desc, "kite manifest")?;
     let mut manifest: Manifest = serde_json::from_slice(&bytes)
         .map_err(|e| ConvertError::Profile(format!("kite manifest {}: {e}", desc.digest)))?;
-    let has_bootstrap = manifest.layers.iter().any(|l| {
-        kite_oci::BootstrapLayer::of(l)
-            .ok()
-            .flatten()
-            .is_some_and(|b| b.digest == boot_digest.oci())
-    });
+    let mut has_bootstrap = false;
+    for l in &manifest.layers {
+        let layer = kite_oci::BootstrapLayer::of(l).map_err(ConvertError::Profile)?;
+        has_bootstrap |= layer.is_some_and(|b| b.digest == boot_digest.oci());
+    }
     if manifest.config.media_type != media::KITE_CONFIG || !has_bootstrap {
         return Err(ConvertError::Profile(format!(
             "manifest {} is not the kite manifest of bootstrap {}",

@@ -469,19 +469,22 @@ async fn fetch_registry_image(
     // compressed one then against the digest and size its annotations
     // give, which the (verified) manifest carries.
     let fetched = repo.fetch_blob(boot, MAX_BOOTSTRAP).await?;
-    let bytes = if inner.compressed {
+    let bytes: Vec<u8> = if inner.compressed {
         let want = kite_format::Digest::parse(&inner.digest)
             .ok_or_else(|| bad(format!("bootstrap digest {}", inner.digest)))?;
-        bytes::Bytes::from(
-            kite_format::decompress_bootstrap(&fetched, inner.size, &want).map_err(|e| {
-                DaemonError::BadBootstrap {
-                    source_name: format!("{} of {pinned}", boot.digest),
-                    why: e.to_string(),
-                }
-            })?,
-        )
+        let size = inner.size;
+        // Decompressing and hashing up to MAX_BOOTSTRAP: not on a worker.
+        tokio::task::spawn_blocking(move || {
+            kite_format::decompress_bootstrap(&fetched, size, &want)
+        })
+        .await
+        .map_err(|e| bad(format!("decompressing the bootstrap: {e}")))?
+        .map_err(|e| DaemonError::BadBootstrap {
+            source_name: format!("{} of {pinned}", boot.digest),
+            why: e.to_string(),
+        })?
     } else {
-        fetched
+        fetched.to_vec()
     };
     let parsed = kite_format::Bootstrap::parse(&bytes).map_err(|e| DaemonError::BadBootstrap {
         source_name: format!("{} of {pinned}", boot.digest),
@@ -537,7 +540,7 @@ async fn fetch_registry_image(
         }
     };
     let backend: Arc<dyn Backend> = Arc::new(RegistryBackend::new(repo, ctx.fetch_timeout));
-    Ok((bytes.to_vec(), backend, pinned, profile))
+    Ok((bytes, backend, pinned, profile))
 }
 
 /// A profile file named by a registration, checked against its bootstrap.

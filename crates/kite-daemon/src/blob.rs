@@ -994,7 +994,10 @@ impl BlobState {
             let (outcome, remote) = match (&fetched, step) {
                 (Err(e), _) => (Err(e.to_string()), true),
                 (Ok(_), ChunkStep::Task(e)) => (
-                    Err(format!("blob {} chunk {i}: decoder task: {e}", self.digest)),
+                    Err(format!(
+                        "blob {} chunk {i}: decode or write task: {e}",
+                        self.digest
+                    )),
                     false,
                 ),
                 (Ok(_), ChunkStep::Decode { corrupt, why }) => {

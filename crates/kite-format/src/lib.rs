@@ -190,19 +190,35 @@ pub fn compress_bootstrap(bootstrap: &[u8]) -> Result<Vec<u8>, FormatError> {
 }
 
 /// Decompress a published bootstrap that must be `size` bytes with sha256
-/// `digest`; never allocates more than `size` (callers bound it).
+/// `digest`. Memory grows with what the frame actually produces (at most
+/// `size` + 1 bytes; callers bound `size`), not with what it declares.
 pub fn decompress_bootstrap(
     frame: &[u8],
     size: u64,
     digest: &Digest,
 ) -> Result<Vec<u8>, FormatError> {
     let bad = |why: String| FormatError::CompressedBootstrap(why);
-    let cap = usize::try_from(size).map_err(|_| bad(format!("size {size} too large")))?;
-    let mut out = Vec::with_capacity(cap);
+    // A frame can be no larger than zstd's bound for its content.
+    let bound = usize::try_from(size)
+        .ok()
+        .map(zstd::zstd_safe::compress_bound)
+        .ok_or_else(|| bad(format!("declared size {size} is too large")))?;
+    if frame.len() > bound {
+        return Err(bad(format!(
+            "{} bytes of zstd cannot hold {size} bytes",
+            frame.len()
+        )));
+    }
+    let limit = size
+        .checked_add(1)
+        .ok_or_else(|| bad(format!("declared size {size} is too large")))?;
+    let mut out = Vec::new();
+    out.try_reserve(size.min(64 << 20) as usize)
+        .map_err(|e| bad(format!("reserving memory: {e}")))?;
     // One byte more than declared, to tell "too long" from "exactly".
     let mut reader = std::io::Read::take(
         zstd::stream::read::Decoder::new(frame).map_err(|e| bad(e.to_string()))?,
-        size + 1,
+        limit,
     );
     std::io::Read::read_to_end(&mut reader, &mut out).map_err(|e| bad(format!("zstd: {e}")))?;
     if out.len() as u64 != size {
@@ -393,6 +409,15 @@ mod tests {
         bad[mid] ^= 0x55;
         assert!(decompress_bootstrap(&bad, n, &d).is_err());
         assert!(decompress_bootstrap(b"not zstd", n, &d).is_err());
+        // Declared sizes that cannot be true are refused before decoding.
+        let e = decompress_bootstrap(&frame, u64::MAX, &d)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("too large"), "{e}");
+        let e = decompress_bootstrap(&frame, 10, &d)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot hold 10 bytes"), "{e}");
     }
 
     #[test]
