@@ -92,6 +92,10 @@ pub(crate) struct Inner {
     pub(crate) cfg: ClientConfig,
     http: reqwest::Client,
     auth: Mutex<HashMap<String, HostAuth>>,
+    /// One token fetch at a time per (host, scope set): requests that
+    /// need the same token wait for the one fetch instead of each making
+    /// their own (after an expiry or a revocation many are in flight).
+    token_fetches: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
     /// Docker-config credentials looked up so far, by host.
     docker_creds: Mutex<HashMap<String, Option<Credentials>>>,
     /// Mirrors that failed recently are skipped until this instant.
@@ -145,6 +149,7 @@ impl Client {
                 cfg,
                 http,
                 auth: Mutex::new(HashMap::new()),
+                token_fetches: Mutex::new(HashMap::new()),
                 docker_creds: Mutex::new(HashMap::new()),
                 mirror_down: Mutex::new(HashMap::new()),
                 stats: Stats::default(),
@@ -312,7 +317,7 @@ impl Client {
                     if matches!(ch, Challenge::Basic) && (!had_creds || sent) {
                         return Err(self.auth_failed(&host, op.what, sent, false));
                     }
-                    self.remember_challenge(&host, ch, &op.scopes);
+                    self.remember_challenge(&host, ch, &op.scopes, auth.as_ref());
                     reauthed = true;
                     continue;
                 }
@@ -478,13 +483,35 @@ impl Client {
         }
     }
 
-    fn remember_challenge(&self, host: &str, ch: Challenge, scopes: &[String]) {
+    /// A 401 with challenge `ch` for a request that carried `refused`.
+    fn remember_challenge(
+        &self,
+        host: &str,
+        ch: Challenge,
+        scopes: &[String],
+        refused: Option<&HeaderValue>,
+    ) {
         if let Ok(mut m) = self.inner.auth.lock() {
             let e = m.entry(host.to_string()).or_default();
-            // A new challenge means the current token (if any) was refused.
-            e.tokens.remove(&scope_key(scopes));
+            // The refused token is dropped; a newer one that another
+            // request fetched meanwhile is kept.
+            let key = scope_key(scopes);
+            if e.tokens
+                .get(&key)
+                .is_some_and(|t| refused.is_none_or(|r| *r == bearer(&t.value)))
+            {
+                e.tokens.remove(&key);
+            }
             e.challenge = Some(ch);
         }
+    }
+
+    /// The cached bearer token for `host` and scope set `key`, if it is
+    /// good for a few more seconds.
+    fn cached_token(&self, host: &str, key: &str) -> Option<HeaderValue> {
+        let m = self.inner.auth.lock().ok()?;
+        let t = m.get(host)?.tokens.get(key)?;
+        (t.expires > Instant::now() + Duration::from_secs(5)).then(|| bearer(&t.value))
     }
 
     /// The Authorization header for a request to `host` needing `scopes`,
@@ -526,6 +553,18 @@ impl Client {
                 service,
                 scope,
             }) => {
+                let flight =
+                    self.inner.token_fetches.lock().ok().map(|mut f| {
+                        Arc::clone(f.entry((host.to_string(), key.clone())).or_default())
+                    });
+                let _turn = match &flight {
+                    Some(f) => Some(f.lock().await),
+                    None => None,
+                };
+                // Whoever held the turn before us may have fetched it.
+                if let Some(hv) = self.cached_token(host, &key) {
+                    return Ok(Some(hv));
+                }
                 let token = self
                     .fetch_token(host, &realm, service.as_deref(), scope.as_deref(), scopes)
                     .await?;

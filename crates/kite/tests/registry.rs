@@ -953,3 +953,73 @@ fn a_pushed_prefetch_profile_is_fetched_and_replayed_by_a_registry_mount() {
         .unwrap()
         .contains(mnt.to_str().unwrap()));
 }
+
+#[test]
+fn readers_in_flight_when_the_token_is_revoked_share_one_new_token() {
+    let test = "readers_in_flight_when_the_token_is_revoked_share_one_new_token";
+    if !require(test, fanotify_path()) {
+        return;
+    }
+    let Some((dir, reg)) = setup(test) else {
+        return;
+    };
+    let d = dir.path();
+    let reference = format!("{}/kite/big:v1", reg.addr);
+    convert_and_push(d, &["big", "--size-gb", "0.3"], &reference);
+    let proxy = Proxy::start(&reg.addr);
+    let st = &proxy.state;
+    st.bearer.store(true, Ordering::Relaxed);
+    // The mount takes a few authorized requests; the revocation lands
+    // while the readers below keep many Range requests in flight.
+    st.revoke_after.store(12, Ordering::Relaxed);
+    // A slow token endpoint: requests refused while one renewal is under
+    // way must wait for it, not start their own.
+    st.token_delay_ms.store(400, Ordering::Relaxed);
+    let daemon = start_daemon(&d.join("daemon"));
+    let mnt = d.join("mnt");
+    let via = format!("{}/kite/big:v1", proxy.addr);
+    ok(
+        mount_ref(&daemon, &via, &mnt),
+        "mount through the bearer proxy",
+    );
+    let tokens_at_mount = st.token_requests.load(Ordering::Relaxed);
+    let mut files = Vec::new();
+    let mut stack = vec![mnt.clone()];
+    while let Some(p) = stack.pop() {
+        for e in std::fs::read_dir(&p).unwrap() {
+            let e = e.unwrap();
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() {
+                files.push(e.path());
+            }
+        }
+    }
+    files.sort();
+    let readers = 16;
+    std::thread::scope(|s| {
+        for r in 0..readers {
+            let files = &files;
+            s.spawn(move || {
+                for f in files.iter().skip(r).step_by(readers) {
+                    std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+                }
+            });
+        }
+    });
+    let unauthorized = st.unauthorized.load(Ordering::Relaxed);
+    let renewals = st.token_requests.load(Ordering::Relaxed) - tokens_at_mount;
+    umount(&daemon, &mnt);
+    assert!(
+        unauthorized >= 2,
+        "the revocation did not hit the readers ({unauthorized} 401s)"
+    );
+    // One fetch for all of them (two if a request was refused just as the
+    // new token arrived), not one per request in flight.
+    assert!(
+        (1..=2).contains(&renewals),
+        "{renewals} token fetches after the revocation for {unauthorized} refused requests\n{}",
+        daemon.log_text()
+    );
+}

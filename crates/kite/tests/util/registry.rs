@@ -207,6 +207,8 @@ pub struct ProxyState {
     /// (0: never).
     pub revoke_after: AtomicU64,
     pub token_requests: AtomicU64,
+    /// Answer token requests after this many milliseconds.
+    pub token_delay_ms: AtomicU64,
     pub unauthorized: AtomicU64,
     /// Change one byte of every manifest body (keeping the registry's
     /// Docker-Content-Digest header).
@@ -335,6 +337,10 @@ async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<
         }
         if path_q.starts_with("/token") {
             st.token_requests.fetch_add(1, Ordering::Relaxed);
+            let delay = st.token_delay_ms.load(Ordering::Relaxed);
+            if delay > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+            }
             let t = format!(
                 "tok-{}-{}",
                 st.token_requests.load(Ordering::Relaxed),
