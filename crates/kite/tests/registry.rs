@@ -31,6 +31,14 @@ fn setup(test: &str) -> Option<(tempfile::TempDir, Registry)> {
     Some((dir, reg))
 }
 
+/// [`setup`] for tests that also mount (the fanotify path, as root).
+fn setup_mounting(test: &str) -> Option<(tempfile::TempDir, Registry)> {
+    if !require(test, fanotify_path()) {
+        return None;
+    }
+    setup(test)
+}
+
 /// `kite ARGS` with extra environment and optional stdin.
 fn kite_with(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
     let mut c = Command::new(kite_bin());
@@ -595,11 +603,7 @@ fn umount(daemon: &Daemon, mnt: &Path) {
 
 #[test]
 fn mount_by_tag_and_by_digest_reads_everything() {
-    let test = "mount_by_tag_and_by_digest_reads_everything";
-    if !require(test, fanotify_path()) {
-        return;
-    }
-    let Some((dir, reg)) = setup(test) else {
+    let Some((dir, reg)) = setup_mounting("mount_by_tag_and_by_digest_reads_everything") else {
         return;
     };
     let d = dir.path();
@@ -640,11 +644,9 @@ fn mount_by_tag_and_by_digest_reads_everything() {
 
 #[test]
 fn range_fetch_reads_one_small_file_with_a_tiny_fraction_of_the_image() {
-    let test = "range_fetch_reads_one_small_file_with_a_tiny_fraction_of_the_image";
-    if !require(test, fanotify_path()) {
-        return;
-    }
-    let Some((dir, reg)) = setup(test) else {
+    let Some((dir, reg)) =
+        setup_mounting("range_fetch_reads_one_small_file_with_a_tiny_fraction_of_the_image")
+    else {
         return;
     };
     let d = dir.path();
@@ -682,11 +684,7 @@ fn range_fetch_reads_one_small_file_with_a_tiny_fraction_of_the_image() {
 
 #[test]
 fn a_corrupt_bootstrap_in_the_registry_is_refused() {
-    let test = "a_corrupt_bootstrap_in_the_registry_is_refused";
-    if !require(test, fanotify_path()) {
-        return;
-    }
-    let Some((dir, reg)) = setup(test) else {
+    let Some((dir, reg)) = setup_mounting("a_corrupt_bootstrap_in_the_registry_is_refused") else {
         return;
     };
     let d = dir.path();
@@ -753,11 +751,9 @@ fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 
 #[test]
 fn compressed_bootstraps_are_checked_against_the_manifest_and_plain_ones_still_mount() {
-    let test = "compressed_bootstraps_are_checked_against_the_manifest_and_plain_ones_still_mount";
-    if !require(test, fanotify_path()) {
-        return;
-    }
-    let Some((dir, reg)) = setup(test) else {
+    let Some((dir, reg)) = setup_mounting(
+        "compressed_bootstraps_are_checked_against_the_manifest_and_plain_ones_still_mount",
+    ) else {
         return;
     };
     let d = dir.path();
@@ -850,11 +846,9 @@ fn hex_sha256(data: &[u8]) -> String {
 
 #[test]
 fn a_pushed_prefetch_profile_is_fetched_and_replayed_by_a_registry_mount() {
-    let test = "a_pushed_prefetch_profile_is_fetched_and_replayed_by_a_registry_mount";
-    if !require(test, fanotify_path()) {
-        return;
-    }
-    let Some((dir, reg)) = setup(test) else {
+    let Some((dir, reg)) =
+        setup_mounting("a_pushed_prefetch_profile_is_fetched_and_replayed_by_a_registry_mount")
+    else {
         return;
     };
     let d = dir.path();
@@ -956,11 +950,9 @@ fn a_pushed_prefetch_profile_is_fetched_and_replayed_by_a_registry_mount() {
 
 #[test]
 fn readers_in_flight_when_the_token_is_revoked_share_one_new_token() {
-    let test = "readers_in_flight_when_the_token_is_revoked_share_one_new_token";
-    if !require(test, fanotify_path()) {
-        return;
-    }
-    let Some((dir, reg)) = setup(test) else {
+    let Some((dir, reg)) =
+        setup_mounting("readers_in_flight_when_the_token_is_revoked_share_one_new_token")
+    else {
         return;
     };
     let d = dir.path();
@@ -983,20 +975,7 @@ fn readers_in_flight_when_the_token_is_revoked_share_one_new_token() {
         "mount through the bearer proxy",
     );
     let tokens_at_mount = st.token_requests.load(Ordering::Relaxed);
-    let mut files = Vec::new();
-    let mut stack = vec![mnt.clone()];
-    while let Some(p) = stack.pop() {
-        for e in std::fs::read_dir(&p).unwrap() {
-            let e = e.unwrap();
-            let t = e.file_type().unwrap();
-            if t.is_dir() {
-                stack.push(e.path());
-            } else if t.is_file() {
-                files.push(e.path());
-            }
-        }
-    }
-    files.sort();
+    let files = files_under(&mnt);
     let readers = 16;
     std::thread::scope(|s| {
         for r in 0..readers {

@@ -216,9 +216,9 @@ pub fn assert_tree_matches_reference(what: &str, mnt: &Path, image_ref: &str, di
     );
 }
 
-/// Every regular file under `root`, with its content.
-pub fn read_all(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = BTreeMap::new();
+/// Every regular file under `root` (full paths), sorted.
+pub fn files_under(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).unwrap() {
@@ -227,11 +227,22 @@ pub fn read_all(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
             if ft.is_dir() {
                 stack.push(e.path());
             } else if ft.is_file() {
-                let data = std::fs::read(e.path())
-                    .unwrap_or_else(|err| panic!("reading {}: {err}", e.path().display()));
-                out.insert(e.path().strip_prefix(root).unwrap().to_path_buf(), data);
+                out.push(e.path());
             }
         }
     }
+    out.sort();
     out
+}
+
+/// Every regular file under `root`, with its content.
+pub fn read_all(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    files_under(root)
+        .into_iter()
+        .map(|p| {
+            let data =
+                std::fs::read(&p).unwrap_or_else(|err| panic!("reading {}: {err}", p.display()));
+            (p.strip_prefix(root).unwrap().to_path_buf(), data)
+        })
+        .collect()
 }
