@@ -8,7 +8,6 @@
 //! DELETE /v1/images/<fsid>      204, or 404
 //! ```
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -188,6 +187,34 @@ pub struct Health {
     /// fanotify path: bytes of bootstraps locked in memory.
     #[serde(default)]
     pub pinned_bytes: u64,
+    /// The serving process (the worker).
+    #[serde(default)]
+    pub pid: u32,
+    /// The holder keeping the kernel interface.
+    #[serde(default)]
+    pub holder_pid: u32,
+    /// Unix seconds: when the daemon (its first holder) started, and when
+    /// this worker started.
+    #[serde(default)]
+    pub daemon_started: u64,
+    #[serde(default)]
+    pub worker_started: u64,
+    /// 1 for the daemon's first worker, counting every restart.
+    #[serde(default)]
+    pub worker_generation: u64,
+    /// Images this worker adopted from its predecessor at start.
+    #[serde(default)]
+    pub adopted_images: usize,
+}
+
+/// Facts about the serving process, for status.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub holder_pid: u32,
+    pub daemon_started: u64,
+    pub worker_started: u64,
+    pub worker_generation: u64,
 }
 
 /// What the API handlers need besides the daemon.
@@ -202,6 +229,11 @@ pub struct ApiContext {
     pub writer: String,
     /// Settings for registry images (credentials per request are added).
     pub registry: kite_registry::ClientConfig,
+    /// Where image records live (beside the control socket, on tmpfs).
+    pub run_dir: PathBuf,
+    pub process: ProcessInfo,
+    /// Set once adoption is done.
+    pub adopted: std::sync::atomic::AtomicUsize,
 }
 
 /// `/v1/images/<fsid>/<sub>` -> `fsid` (for that `sub` only).
@@ -289,6 +321,12 @@ async fn handle(
                     opens_refused: s.open_refused.load(Ordering::Relaxed),
                     writer: ctx.writer.clone(),
                     pinned_bytes: ctx.fanotify.as_ref().map_or(0, |f| f.pinned_bytes()),
+                    pid: ctx.process.pid,
+                    holder_pid: ctx.process.holder_pid,
+                    daemon_started: ctx.process.daemon_started,
+                    worker_started: ctx.process.worker_started,
+                    worker_generation: ctx.process.worker_generation,
+                    adopted_images: ctx.adopted.load(Ordering::Relaxed),
                 },
             )
         }
@@ -349,6 +387,15 @@ async fn handle(
                     &format!("{} is not an absolute path", n.mountpoint.display()),
                 ),
                 (Ok(n), Some(img)) => {
+                    // A new worker adopting the image knows its mounts.
+                    if let Some(mut rec) = crate::adopt::load(&ctx.run_dir, &fsid) {
+                        if !rec.mountpoints.contains(&n.mountpoint) {
+                            rec.mountpoints.push(n.mountpoint.clone());
+                            if let Err(e) = crate::adopt::save(&ctx.run_dir, &rec) {
+                                tracing::warn!(fsid = %fsid, "recording a mount: {e}");
+                            }
+                        }
+                    }
                     // Direct I/O is a file-backed mount's option.
                     if ctx.fanotify.is_some() {
                         if let Ok(mut m) = img.direct_io_mounts.lock() {
@@ -391,6 +438,9 @@ async fn handle(
                     Err(_) => Vec::new(),
                 };
                 fan.forget(&unused);
+            }
+            if removed {
+                crate::adopt::remove(&ctx.run_dir, fsid);
             }
             if let (true, Some(fan)) = (removed, &ctx.fanotify) {
                 fan.unpin(fsid);
@@ -610,13 +660,30 @@ async fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterRespon
             ))
         }
     };
-    let img = ctx
-        .daemon
-        .registry
-        .lock()
-        .map_err(|_| DaemonError::Poisoned)?
-        .register(bytes, backend, ctx.fetch_timeout, source)?;
-    tracing::info!(fsid = %img.fsid, source = %img.source, blobs = img.blobs.len(), "registered image");
+    let img = install(ctx, bytes, backend, source)?;
+    // Keep the bootstrap and the registration, so a new worker can adopt
+    // the image without the network and without a remount.
+    let boot = crate::adopt::bootstrap_path(&ctx.cache_dir, &img.fsid);
+    let keep = {
+        let bytes = Arc::clone(&img.bootstrap);
+        let boot = boot.clone();
+        tokio::task::spawn_blocking(move || crate::write_intact(&boot, &bytes))
+    };
+    keep.await
+        .map_err(|e| DaemonError::Config(format!("keeping the bootstrap: {e}")))?
+        .map_err(|e| DaemonError::Io {
+            what: format!("keeping the bootstrap in {}", boot.display()),
+            source: e,
+        })?;
+    crate::adopt::save(
+        &ctx.run_dir,
+        &crate::adopt::ImageRecord {
+            fsid: img.fsid.clone(),
+            request: r.clone(),
+            pinned: pinned.clone(),
+            mountpoints: Vec::new(),
+        },
+    )?;
     let mut resp = RegisterResponse {
         fsid: img.fsid.clone(),
         domain_id: ctx.domain_id.clone(),
@@ -641,28 +708,38 @@ async fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterRespon
     Ok(resp)
 }
 
-/// Serve the API on `socket` until the listener fails.
-pub async fn serve_api(ctx: Arc<ApiContext>, socket: &Path) -> Result<(), DaemonError> {
+/// Register an image's verified bootstrap bytes with the daemon.
+pub(crate) fn install(
+    ctx: &ApiContext,
+    bytes: Vec<u8>,
+    backend: Arc<dyn Backend>,
+    source: String,
+) -> Result<Arc<crate::registry::Image>, DaemonError> {
+    let img = ctx
+        .daemon
+        .registry
+        .lock()
+        .map_err(|_| DaemonError::Poisoned)?
+        .register(bytes, backend, ctx.fetch_timeout, source)?;
+    tracing::info!(fsid = %img.fsid, source = %img.source, blobs = img.blobs.len(), "registered image");
+    Ok(img)
+}
+
+/// Serve the API on `listener` (the holder's socket, inherited) until it
+/// fails. Connections that arrive while no worker serves wait in its
+/// backlog.
+pub async fn serve_on(
+    ctx: Arc<ApiContext>,
+    listener: std::os::unix::net::UnixListener,
+) -> Result<(), DaemonError> {
     let io = |what: &str, e: std::io::Error| DaemonError::Io {
-        what: format!("{what} {}", socket.display()),
+        what: format!("{what} the control API socket"),
         source: e,
     };
-    if socket.exists() {
-        // A live daemon answers; a stale socket from a crash is replaced.
-        if UnixStream::connect(socket).await.is_ok() {
-            return Err(DaemonError::Config(format!(
-                "another daemon is listening on {}",
-                socket.display()
-            )));
-        }
-        std::fs::remove_file(socket).map_err(|e| io("removing stale socket", e))?;
-    }
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| io("creating the directory of", e))?;
-    }
-    let listener = UnixListener::bind(socket).map_err(|e| io("binding", e))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| io("chmod", e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| io("configuring", e))?;
+    let listener = UnixListener::from_std(listener).map_err(|e| io("registering", e))?;
     loop {
         let (stream, _) = listener.accept().await.map_err(|e| io("accepting on", e))?;
         let ctx = Arc::clone(&ctx);

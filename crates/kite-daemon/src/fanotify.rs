@@ -67,9 +67,11 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> DaemonError {
 }
 
 impl FanotifyPath {
-    /// `pin_budget`: bytes of bootstraps to keep locked in memory (0: none).
+    /// Serve `group` (the holder's). `pin_budget`: bytes of bootstraps to
+    /// keep locked in memory (0: none).
     pub fn new(
         daemon: Arc<Daemon>,
+        group: Arc<Group>,
         writer: Arc<Writer>,
         cache_dir: &Path,
         pin_budget: u64,
@@ -80,7 +82,7 @@ impl FanotifyPath {
         }
         Ok(Arc::new(Self {
             daemon,
-            group: Group::new()?,
+            group,
             writer,
             cache_dir: cache_dir.to_path_buf(),
             by_id: Mutex::new(HashMap::new()),
@@ -139,27 +141,9 @@ impl FanotifyPath {
 
     /// Make the files for a newly registered image ready to mount.
     pub fn prepare(&self, img: &Image) -> Result<MountFiles, DaemonError> {
-        let boot = self.cache_dir.join("bootstraps").join(&img.fsid);
-        // Reuse a file only if it is exactly this bootstrap (a crash may
-        // have left something else under the name).
-        let intact = std::fs::read(&boot)
-            .map(|d| Digest::of(&d).hex() == img.fsid)
-            .unwrap_or(false);
-        if !intact {
-            let tmp = boot.with_extension(format!(
-                "tmp-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            ));
-            let write = || -> std::io::Result<()> {
-                use std::io::Write;
-                let mut f = File::create(&tmp)?;
-                f.write_all(img.bootstrap.as_slice())?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, &boot)
-            };
-            write().map_err(io_err(format!("writing {}", boot.display())))?;
-        }
+        // Written (and checked against the fsid) by registration or
+        // adoption before this is called.
+        let boot = crate::adopt::bootstrap_path(&self.cache_dir, &img.fsid);
         if self.pin_budget > 0 {
             self.pin_bootstrap(&img.fsid, &boot);
         }
@@ -276,12 +260,18 @@ impl FanotifyPath {
                 .ok()
                 .and_then(|id| self.by_id.lock().ok().and_then(|m| m.get(&id).cloned()));
             let Some(bf) = bf else {
-                // Not one of our blob files (a stale mark): let it through.
+                // Not a blob file this worker knows (a forgotten blob, a
+                // failed fstat): fail closed. Allowing it would let the
+                // read see the sparse file's holes as zeros.
+                self.daemon
+                    .stats
+                    .reads_failed
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     pid = ev.raw.pid,
-                    "pre-content event for an unknown file: allowed"
+                    "pre-content event for an unknown file: denied with EIO"
                 );
-                let _ = ev.answer(Ok(()));
+                let _ = ev.answer(Err(EIO));
                 continue;
             };
             bf.events.fetch_add(1, Ordering::Relaxed);
@@ -340,7 +330,9 @@ impl FanotifyPath {
         for (ev, bf, want, obj) in work {
             let me = Arc::clone(self);
             let waits = batch.waits(&bf.blob.digest, &want);
+            let inflight = crate::serve::Inflight::new(&self.daemon);
             tokio::spawn(async move {
+                let _inflight = inflight;
                 let r = match waits {
                     Ok(w) => bf.blob.wait(w).await,
                     Err(e) => Err(e),
@@ -387,8 +379,8 @@ impl FanotifyPath {
     }
 
     /// Release the files of blobs no registered image uses any more: close
-    /// them and remove their marks. Their data and saved state stay in the
-    /// cache for the next registration.
+    /// them (marks stay, so reads of missing ranges fail closed). Their
+    /// data and saved state stay in the cache for the next registration.
     pub fn forget(&self, digests: &[Digest]) {
         let Ok(mut by_digest) = self.by_digest.lock() else {
             return;
@@ -400,11 +392,9 @@ impl FanotifyPath {
             if let Ok(mut by_id) = self.by_id.lock() {
                 by_id.retain(|_, f| !Arc::ptr_eq(f, &bf));
             }
-            if bf.marked.swap(false, Ordering::SeqCst) {
-                if let Err(e) = self.group.unmark(&bf.path) {
-                    tracing::warn!(blob = %d, "removing mark: {e}");
-                }
-            }
+            // An incomplete file keeps its mark: a mount that still uses
+            // it (unregistered under it) then gets EIO for missing
+            // ranges, as an unknown file, never the holes' zeros.
         }
     }
 
@@ -437,56 +427,6 @@ impl FanotifyPath {
         for f in files {
             if let Err(e) = f.file.sync_data() {
                 tracing::warn!(blob = %f.blob.digest, "sync: {e}");
-            }
-        }
-    }
-
-    /// Before the daemon goes away: lazily unmount every mount of ours
-    /// whose blobs are not all on disk. Without the daemon the group closes,
-    /// the marks vanish, and reads of missing ranges would return the sparse
-    /// files' zeros; a detached mount makes them fail instead, as on the
-    /// cachefiles path. Mounts of complete images stay. A crash (SIGKILL)
-    /// cannot run this: see kernel-notes/fanotify.md.
-    pub fn detach_incomplete_mounts(&self) {
-        let boot_dir = self.cache_dir.join("bootstraps");
-        let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-            return;
-        };
-        for line in info.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let Some(sep) = f.iter().position(|x| *x == "-") else {
-                continue;
-            };
-            let (Some(mnt), Some(fstype), Some(src)) = (f.get(4), f.get(sep + 1), f.get(sep + 2))
-            else {
-                continue;
-            };
-            if *fstype != "erofs" || !Path::new(src).starts_with(&boot_dir) {
-                continue;
-            }
-            let fsid = Path::new(src)
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let complete = self
-                .daemon
-                .registry
-                .lock()
-                .ok()
-                .and_then(|r| r.image(&fsid))
-                .map(|img| img.blobs.iter().all(|b| b.is_complete_for_mounts()))
-                .unwrap_or(false);
-            if complete {
-                continue;
-            }
-            match kite_kernel::mount::unmount(Path::new(mnt), true) {
-                Ok(()) => {
-                    tracing::warn!(mountpoint = mnt, fsid = %fsid, "daemon stopping: detached a mount with blobs still incomplete (its reads now fail instead of returning holes)")
-                }
-                Err(e) => tracing::error!(
-                    mountpoint = mnt,
-                    "could not detach a mount with incomplete blobs: {e}"
-                ),
             }
         }
     }

@@ -10,6 +10,13 @@
 //!   events, unmarking complete blobs.
 //! - [`api`]: the control API on a unix socket, and its client.
 //! - [`state`]: fetch state persisted across restarts.
+//! - [`adopt`]: registrations persisted for the next worker, and adopting
+//!   them at start.
+//!
+//! Process model: this crate is the *worker*. The kernel interface is
+//! opened and kept by the holder (`kite-holder`), which hands it to each
+//! worker ([`Handoff`]); a worker that dies is replaced, and the new one
+//! adopts every registered image before it reads a request.
 //!
 //! Concurrency model: one tokio runtime, created by the `kite` binary and
 //! passed in by running [`run`] on it. The device fd is polled with
@@ -18,6 +25,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod adopt;
 pub mod api;
 pub mod backend;
 pub mod blob;
@@ -102,76 +110,133 @@ impl Default for DaemonConfig {
     }
 }
 
-/// Run the daemon until SIGTERM/SIGINT, on the kernel path chosen from
-/// what the running kernel offers (or the one forced in `cfg`).
-pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
-    use kite_kernel::features::{Features, KernelPath};
-    std::fs::create_dir_all(&cfg.cache_dir).map_err(|e| DaemonError::Io {
+/// What a worker gets from the holder that keeps the kernel interface.
+pub struct Handoff {
+    /// The fanotify group or the bound `/dev/cachefiles` fd.
+    pub kernel: std::os::fd::OwnedFd,
+    pub path: kite_kernel::features::KernelPath,
+    pub why: String,
+    /// An earlier worker used this interface (cachefiles: `restore`).
+    pub restore: bool,
+    /// The control API's listening socket.
+    pub api: std::os::unix::net::UnixListener,
+    /// The channel to the holder (READY and NEEDS reports).
+    pub holder: std::os::unix::net::UnixStream,
+    pub holder_pid: u32,
+    pub daemon_started: u64,
+    pub generation: u64,
+}
+
+/// Run a worker until SIGTERM/SIGINT: adopt every registered image, then
+/// serve the kernel interface `h` hands over. On SIGTERM it stops reading
+/// requests, answers every request it holds, saves state, tells the
+/// holder which images' mounts still need the kernel interface, and
+/// returns.
+pub async fn run(cfg: DaemonConfig, h: Handoff) -> Result<(), DaemonError> {
+    use kite_kernel::features::KernelPath;
+    // The holder's death must take the worker with it: a holder restarted
+    // by systemd must never find an old worker still answering events.
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+        tracing::warn!("PR_SET_PDEATHSIG: {e}");
+    }
+    if nix::unistd::getppid().as_raw() as u32 != h.holder_pid {
+        return Err(DaemonError::Config(
+            "the holder that started this worker is gone".into(),
+        ));
+    }
+    private_dir(&cfg.cache_dir).map_err(|e| DaemonError::Io {
         what: format!("creating cache dir {}", cfg.cache_dir.display()),
         source: e,
     })?;
     raise_fd_limit();
-    let features = Features::probe();
-    let (mut path, mut why) = features
-        .choose(cfg.kernel_path)
-        .map_err(DaemonError::Config)?;
     let writer = Writer::start();
     let state_dir = cfg.cache_dir.join("kite-state");
+    let run_dir = cfg
+        .socket
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/run/kite"));
     let mut registry = registry::Registry::new(Some(state_dir.clone()));
     registry.readahead = cfg.readahead;
     let daemon = serve::Daemon::new(registry, cfg.merge_bound);
-    let mut device = None;
-    if path == KernelPath::Cachefiles {
-        match Device::bind(&cfg.cache_dir, &cfg.tag, Arc::clone(&writer)) {
-            Ok(d) => device = Some(d),
-            // /dev/cachefiles without on-demand support fails `bind
-            // ondemand`: in auto mode, use fanotify if the kernel has it.
-            Err(e) if cfg.kernel_path.is_none() && features.fanotify_missing().is_empty() => {
-                why = format!("cachefiles bind failed ({e}; CONFIG_CACHEFILES_ONDEMAND missing?), fanotify available");
-                path = KernelPath::Fanotify;
+    let (device, fan) = match h.path {
+        KernelPath::Cachefiles => {
+            let dev = Device::from_fd(h.kernel, Arc::clone(&writer))?;
+            if h.restore {
+                match dev.restore() {
+                    Ok(()) => tracing::info!("cachefiles: restore written: requests the previous worker held are delivered again"),
+                    Err(e) => tracing::warn!("cachefiles: this kernel has no restore ({e}): requests the previous worker read but did not answer stay unanswered, and its closed objects fail with EIO until remounted"),
+                }
             }
-            Err(e) => return Err(e.into()),
+            (Some(dev), None)
         }
-    }
-    tracing::info!(
-        path = path.name(),
-        why = %why,
-        cache_dir = %cfg.cache_dir.display(),
-        socket = %cfg.socket.display(),
-        writer = writer.mode,
-        "kite daemon starting"
-    );
-    let (serve, fan): (
-        tokio::task::JoinHandle<Result<(), DaemonError>>,
-        Option<Arc<fanotify::FanotifyPath>>,
-    ) = match device {
-        Some(dev) => {
-            let dev: Arc<dyn CacheDevice> = Arc::new(dev);
-            (tokio::spawn(serve::serve(Arc::clone(&daemon), dev)), None)
-        }
-        None => {
+        KernelPath::Fanotify => {
+            let group = kite_kernel::fanotify::Group::from_fd(h.kernel)?;
             let fan = fanotify::FanotifyPath::new(
                 Arc::clone(&daemon),
+                group,
                 Arc::clone(&writer),
                 &cfg.cache_dir,
                 cfg.pin_metadata,
             )?;
-            (tokio::spawn(Arc::clone(&fan).serve()), Some(fan))
+            (None, Some(fan))
         }
     };
+    let worker_started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let ctx = Arc::new(api::ApiContext {
         daemon: Arc::clone(&daemon),
         fanotify: fan.clone(),
-        kernel_path: path.name().into(),
+        kernel_path: h.path.name().into(),
         cache_dir: cfg.cache_dir.clone(),
         domain_id: cfg.domain_id.clone(),
         fetch_timeout: cfg.fetch_timeout,
         writer: writer.mode.into(),
         registry: cfg.registry.clone(),
+        run_dir,
+        process: api::ProcessInfo {
+            pid: std::process::id(),
+            holder_pid: h.holder_pid,
+            daemon_started: h.daemon_started,
+            worker_started,
+            worker_generation: h.generation,
+        },
+        adopted: Default::default(),
     });
-    let api = tokio::spawn({
-        let socket = cfg.socket.clone();
-        async move { api::serve_api(ctx, &socket).await }
+    // Adopt before the first kernel request is read: every blob file and
+    // cache object the kernel may ask about must be known (an unknown
+    // one is denied). Parsing and hashing bootstraps: the blocking pool.
+    let adopted = {
+        let ctx = Arc::clone(&ctx);
+        tokio::task::spawn_blocking(move || adopt::adopt_all(&ctx))
+            .await
+            .unwrap_or(0)
+    };
+    ctx.adopted.store(adopted, Ordering::Relaxed);
+    tracing::info!(
+        path = h.path.name(),
+        why = %h.why,
+        cache_dir = %cfg.cache_dir.display(),
+        socket = %cfg.socket.display(),
+        writer = writer.mode,
+        pid = std::process::id(),
+        generation = h.generation,
+        adopted,
+        "kite worker serving"
+    );
+    let mut serve: tokio::task::JoinHandle<Result<(), DaemonError>> = match (device, &fan) {
+        (Some(dev), _) => {
+            let dev: Arc<dyn CacheDevice> = Arc::new(dev);
+            tokio::spawn(serve::serve(Arc::clone(&daemon), dev))
+        }
+        (None, Some(fan)) => tokio::spawn(Arc::clone(fan).serve()),
+        (None, None) => unreachable!("one kernel path is always set up"),
+    };
+    let mut api = tokio::spawn({
+        let ctx = Arc::clone(&ctx);
+        api::serve_on(ctx, h.api)
     });
     let flusher = tokio::spawn({
         let d = Arc::clone(&daemon);
@@ -203,31 +268,121 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
             }
         }
     });
+    let mut holder = h.holder;
+    if let Err(e) = kite_holder_report(&mut holder, "READY") {
+        tracing::warn!("telling the holder we serve: {e}");
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| DaemonError::Io {
             what: "installing SIGTERM handler".into(),
             source: e,
         })?;
-    // Whatever ends the daemon (signal, a failed or panicked task), the
+    // Whatever ends the worker (signal, a failed or panicked task), the
     // clean-up below always runs.
     let result = tokio::select! {
-        r = serve => r.unwrap_or_else(|e| Err(DaemonError::Config(format!("request loop task ended: {e}")))),
-        r = api => r.unwrap_or_else(|e| Err(DaemonError::Config(format!("control API task ended: {e}")))),
+        r = &mut serve => r.unwrap_or_else(|e| Err(DaemonError::Config(format!("request loop task ended: {e}")))),
+        r = &mut api => r.unwrap_or_else(|e| Err(DaemonError::Config(format!("control API task ended: {e}")))),
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = term.recv() => Ok(()),
     };
+    // Stop reading requests and taking registrations. The request loop
+    // is cancelled only while it waits for the kernel (a batch it read is
+    // dispatched before its next await), so no request read is lost;
+    // requests not read yet wait in the kernel for the next worker, and
+    // API clients in the socket's backlog for the next worker too.
+    serve.abort();
+    api.abort();
+    let _ = (&mut serve).await;
+    let _ = (&mut api).await;
     flusher.abort();
     switcher.abort();
-    if let Some(f) = &fan {
-        f.detach_incomplete_mounts();
-    }
+    drain_inflight(&daemon, cfg.fetch_timeout + Duration::from_secs(10)).await;
     persist(&daemon, fan.as_deref(), &state_dir, None);
-    let _ = std::fs::remove_file(&cfg.socket);
+    let needs = needing_interface(&daemon, fan.is_some());
+    if let Err(e) = kite_holder_report(&mut holder, &format!("NEEDS {}", needs.join(" "))) {
+        tracing::warn!("telling the holder which mounts need the kernel interface: {e}");
+    }
     tracing::info!(
         reads = daemon.stats.reads.load(Ordering::Relaxed),
-        "kite daemon stopping; mounts served by it fail until it is restarted and they are remounted"
+        still_needed = needs.len(),
+        "kite worker stopped: every request it read is answered"
     );
     result
+}
+
+/// One report line to the holder (the format `kite_holder::report` reads).
+fn kite_holder_report(ch: &mut std::os::unix::net::UnixStream, line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    writeln!(ch, "{line}")
+}
+
+/// Wait until every kernel request this worker read is answered (or
+/// `limit` passes: fetches are bounded by the fetch timeout, so this only
+/// guards against a bug).
+async fn drain_inflight(daemon: &serve::Daemon, limit: Duration) {
+    let t = std::time::Instant::now();
+    loop {
+        let n = daemon.stats.reads_inflight.load(Ordering::Relaxed);
+        if n == 0 {
+            return;
+        }
+        if t.elapsed() > limit {
+            tracing::error!(
+                inflight = n,
+                "requests still unanswered at exit: they are denied (EIO)"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The images whose mounts still need the kernel interface once this
+/// worker is gone: on the fanotify path those with data missing on disk;
+/// on the cachefiles path every registered one (the kernel's cache goes
+/// away with the device fd).
+fn needing_interface(daemon: &serve::Daemon, fanotify: bool) -> Vec<String> {
+    let images = daemon
+        .registry
+        .lock()
+        .map(|r| r.images())
+        .unwrap_or_default();
+    images
+        .iter()
+        .filter(|img| !fanotify || !img.blobs.iter().all(|b| b.is_complete_for_mounts()))
+        .map(|img| img.fsid.clone())
+        .collect()
+}
+
+/// Create `dir` (and missing parents) readable by root only.
+pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Write `bytes` to `path` unless it already holds exactly them
+/// (temporary name, fsync, rename).
+pub(crate) fn write_intact(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if std::fs::read(path).map(|d| d == bytes).unwrap_or(false) {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        private_dir(dir)?;
+    }
+    let tmp = path.with_extension(format!(
+        "tmp-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Save the fetch state of `blobs` (default: every registered blob). The

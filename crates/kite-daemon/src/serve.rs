@@ -71,6 +71,23 @@ impl Daemon {
     }
 }
 
+/// Counts a kernel request as in flight until dropped (a graceful stop
+/// waits for the count to reach zero before the worker exits).
+pub(crate) struct Inflight(Arc<Daemon>);
+
+impl Inflight {
+    pub(crate) fn new(d: &Arc<Daemon>) -> Self {
+        d.stats.reads_inflight.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(d))
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.0.stats.reads_inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Completes a READ when dropped: exactly once, on every path.
 struct Completion {
     object: Arc<dyn CacheObject>,

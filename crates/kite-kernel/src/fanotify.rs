@@ -142,15 +142,41 @@ pub fn encode_response(fd: i32, response: u32) -> [u8; 8] {
     b
 }
 
+/// Settle the permission events a dead process had read but not answered:
+/// deny (EIO) every pending event whose fd number is below `below`.
+///
+/// A response names its event by the fd number the event got when it was
+/// read, matched against the group's events awaiting an answer; the writer
+/// need not own that fd, and the events of a reader that died stay pending
+/// while the group lives (kernel-notes/fanotify.md). Their ranges are
+/// unknown, so they cannot be filled: EIO is the only correct answer.
+///
+/// Call this only while no live process reads from the group: a live
+/// reader's pending events have fd numbers too, and would be denied (or,
+/// worse, a dead reader's event could be allowed by a live reader's
+/// answer for the same number). `below` must bound the dead reader's fd
+/// numbers: its RLIMIT_NOFILE. Returns how many events were denied.
+pub fn deny_pending(group: BorrowedFd<'_>, below: i32) -> usize {
+    let mut denied = 0;
+    for fd in 0..below.max(0) {
+        // ENOENT: no pending event with this number.
+        if nix::unistd::write(group, &encode_response(fd, deny_errno(libc::EIO))).is_ok() {
+            denied += 1;
+        }
+    }
+    denied
+}
+
 /// A pre-content notification group.
 pub struct Group {
     file: AsyncFd<std::fs::File>,
 }
 
 impl Group {
-    /// Create a pre-content group; event fds are opened read-write so the
-    /// daemon can fill ranges through them. Must run inside a tokio runtime.
-    pub fn new() -> Result<Arc<Self>, KernelError> {
+    /// Create a pre-content group and return its fd (the holder keeps it;
+    /// workers serve it through [`Group::from_fd`]). Event fds are opened
+    /// read-write so the daemon can fill ranges through them.
+    pub fn create_fd() -> Result<OwnedFd, KernelError> {
         // SAFETY: fanotify_init takes two integer flag words and returns a
         // new fd or -1; no pointers are involved.
         let fd = unsafe {
@@ -168,7 +194,33 @@ impl Group {
         }
         // SAFETY: fd was just returned by fanotify_init and is owned by
         // nothing else.
-        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Create a group and serve it in this process. Must run inside a
+    /// tokio runtime.
+    pub fn new() -> Result<Arc<Self>, KernelError> {
+        Self::from_fd(Self::create_fd()?)
+    }
+
+    /// Serve a group created elsewhere (the holder's, inherited or passed
+    /// over a socket). Its open file description is shared with the other
+    /// copies, so it is switched to non-blocking for all of them, which is
+    /// what every kite process expects. Must run inside a tokio runtime.
+    pub fn from_fd(fd: OwnedFd) -> Result<Arc<Self>, KernelError> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let io_err = |what: &str, e: nix::errno::Errno| KernelError::Io {
+            what: what.into(),
+            source: e.into(),
+        };
+        let fl = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)
+            .map_err(|e| io_err("fcntl(F_GETFL) on the fanotify group", e))?;
+        fcntl(
+            fd.as_raw_fd(),
+            FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK),
+        )
+        .map_err(|e| io_err("fcntl(F_SETFL, O_NONBLOCK) on the fanotify group", e))?;
+        let file = std::fs::File::from(fd);
         // SAFETY: the AsyncFd owns the File, so the fd stays open while it is
         // registered with the reactor and is deregistered before closing.
         let file =
@@ -179,6 +231,11 @@ impl Group {
                 }
             })?;
         Ok(Arc::new(Self { file }))
+    }
+
+    /// The group's fd (to hand a copy to another process).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.get_ref().as_fd()
     }
 
     /// Probe whether this kernel supports pre-content groups.

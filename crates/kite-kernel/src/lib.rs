@@ -10,12 +10,15 @@
 //!   writes fetched data into cache files.
 //! - [`mount`]: EROFS mounts (fscache and file-backed) and unmounts.
 //! - [`features`]: which kernel paths the running kernel offers.
+//! - [`fdpass`]: handing the kernel-interface fds from the holder to its
+//!   workers (inheritance) and to a successor holder (`SCM_RIGHTS`).
 //!
 //! Every unsafe block carries a `// SAFETY:` comment (enforced by clippy's
 //! `undocumented_unsafe_blocks`).
 
 pub mod cachefiles;
 pub mod fanotify;
+pub mod fdpass;
 pub mod features;
 pub mod mount;
 pub mod pin;

@@ -22,16 +22,22 @@ pub struct DaemonArgs {
     pub pin_metadata: u64,
 }
 
-/// `kite daemon`.
-pub async fn daemon(a: DaemonArgs, registry: kite_registry::ClientConfig) -> Result<()> {
-    let kernel_path = match a.kernel_path.as_deref() {
-        None | Some("auto") => None,
-        Some(p) => Some(
+/// `--kernel-path`: None for `auto`.
+pub fn parse_kernel_path(p: &str) -> Result<Option<kite_kernel::features::KernelPath>> {
+    match p {
+        "auto" => Ok(None),
+        p => Ok(Some(
             kite_kernel::features::KernelPath::parse(p).with_context(|| {
                 format!("--kernel-path {p}: expected auto, cachefiles or fanotify")
             })?,
-        ),
-    };
+        )),
+    }
+}
+
+/// `kite daemon --worker`: serve the kernel interface the holder passed.
+pub async fn daemon(a: DaemonArgs, registry: kite_registry::ClientConfig) -> Result<()> {
+    let kernel_path = parse_kernel_path(a.kernel_path.as_deref().unwrap_or("auto"))?;
+    let env = kite_holder::WorkerEnv::take()?;
     // Each attempt gets a third of a fetch's deadline, so a stalled
     // connection leaves time for a retry or the next mirror.
     let mut registry = registry;
@@ -47,7 +53,18 @@ pub async fn daemon(a: DaemonArgs, registry: kite_registry::ClientConfig) -> Res
         pin_metadata: a.pin_metadata,
         ..Default::default()
     };
-    kite_daemon::run(cfg).await?;
+    let handoff = kite_daemon::Handoff {
+        kernel: env.kernel,
+        path: env.path,
+        why: env.why,
+        restore: env.restore,
+        api: env.api,
+        holder: env.holder,
+        holder_pid: env.holder_pid,
+        daemon_started: env.started,
+        generation: env.generation,
+    };
+    kite_daemon::run(cfg, handoff).await?;
     Ok(())
 }
 
@@ -266,59 +283,19 @@ pub async fn save_profile(mountpoint: &Path, image_dir: &Path, socket: &Path) ->
     Ok(())
 }
 
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The fsid of the kite mount at `mountpoint`, from /proc/self/mountinfo.
+/// The fsid of the kite mount at `mountpoint`.
 fn mounted_fsid(mountpoint: &Path) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = mountpoint.canonicalize().ok()?;
-    for line in info.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.get(4).map(|f| PathBuf::from(unescape_mountinfo(f))) != Some(want.clone()) {
-            continue;
-        }
-        let sep = fields.iter().position(|f| *f == "-")?;
-        if fields.get(sep + 1) != Some(&"erofs") {
-            continue;
-        }
-        let opts = fields.get(sep + 3)?;
-        if let Some(f) = opts
-            .split(',')
-            .find_map(|o| o.strip_prefix("fsid=").map(String::from))
-        {
-            return Some(f);
-        }
-        // File-backed: the source is <cache>/bootstraps/<fsid>.
-        let source = fields.get(sep + 2)?;
-        return Path::new(source)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned());
-    }
-    None
+    kite_kernel::mount::erofs_mounts()
+        .into_iter()
+        .find(|m| m.mountpoint == want)
+        .map(|m| m.fsid)
 }
 
 fn fsid_in_use(fsid: &str) -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|m| m.contains(&format!("fsid={fsid}")) || m.contains(&format!("/bootstraps/{fsid} ")))
-        .unwrap_or(false)
+    kite_kernel::mount::erofs_mounts()
+        .iter()
+        .any(|m| m.fsid == fsid)
 }
 
 /// `kite umount MOUNTPOINT`: unmount, and forget the image when no other
@@ -411,18 +388,4 @@ pub async fn status(socket: &Path, json: bool) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn mountinfo_escapes_are_decoded() {
-        assert_eq!(
-            super::unescape_mountinfo("/mnt/with\\040space"),
-            "/mnt/with space"
-        );
-        assert_eq!(super::unescape_mountinfo("/a\\134b"), "/a\\b");
-        assert_eq!(super::unescape_mountinfo("/plain"), "/plain");
-        assert_eq!(super::unescape_mountinfo("/trailing\\04"), "/trailing\\04");
-    }
 }

@@ -134,6 +134,18 @@ enum Cmd {
         /// in memory, so metadata never waits for the disk (0 disables).
         #[arg(long, default_value_t = 256)]
         pin_metadata_mib: u64,
+        /// Replace a running daemon on the same socket (e.g. with a new
+        /// binary): it answers what it holds and hands the kernel
+        /// interface over; no request is dropped.
+        #[arg(long)]
+        takeover: bool,
+        /// Internal: run as the worker of a holder (`kite daemon` starts it).
+        #[arg(long, hide = true)]
+        worker: bool,
+        /// Internal: keep the kernel interface after a stop while mounts
+        /// still need it (the holder starts it).
+        #[arg(long, hide = true, conflicts_with = "worker")]
+        keeper: bool,
     },
     /// Mount an image lazily through the daemon (root): a converted image
     /// directory, or a kite image in a registry (HOST[:PORT]/REPO[:TAG|@DIGEST],
@@ -292,8 +304,38 @@ fn run(cli: Cli) -> Result<()> {
             docker_config,
             registry_retries,
             pin_metadata_mib,
+            takeover,
+            worker,
+            keeper,
         } => {
             init_logging();
+            if keeper {
+                kite_holder::run_keeper(&socket)?;
+                return Ok(());
+            }
+            if !worker {
+                // The holder: keeps the kernel interface, runs workers
+                // (this binary with the same flags plus --worker).
+                let mut worker_args: Vec<std::ffi::OsString> = std::env::args_os()
+                    .skip(1)
+                    .filter(|a| a != "--takeover")
+                    .collect();
+                let at = worker_args
+                    .iter()
+                    .position(|a| a == "daemon")
+                    .map_or(worker_args.len(), |i| i + 1);
+                worker_args.insert(at, "--worker".into());
+                let kernel_path = lazy::parse_kernel_path(&kernel_path)?;
+                kite_holder::run(kite_holder::Config {
+                    cache_dir,
+                    tag: "kite".into(),
+                    kernel_path,
+                    api_socket: socket,
+                    worker_args,
+                    takeover,
+                })?;
+                return Ok(());
+            }
             let mut reg = kite_registry::ClientConfig {
                 plain_http,
                 retries: registry_retries,

@@ -94,10 +94,18 @@ pub struct Device {
 
 impl Device {
     /// Open `/dev/cachefiles` (non-blocking) and bind it on `cache_dir` in
-    /// on-demand mode with `tag`.
+    /// on-demand mode with `tag`; serve it in this process.
     pub fn bind(cache_dir: &Path, tag: &str, writer: Arc<Writer>) -> Result<Self, KernelError> {
+        Self::from_fd(Self::open_bound(cache_dir, tag)?, writer)
+    }
+
+    /// Open `/dev/cachefiles` and bind it on `cache_dir` in on-demand mode
+    /// with `tag`; return the fd (the holder keeps it; workers serve it
+    /// through [`Device::from_fd`]). The cache lives as long as any copy
+    /// of this fd.
+    pub fn open_bound(cache_dir: &Path, tag: &str) -> Result<OwnedFd, KernelError> {
         let path = Path::new("/dev/cachefiles");
-        let file = std::fs::OpenOptions::new()
+        let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
@@ -115,6 +123,25 @@ impl Device {
                 ),
                 source: e,
             })?;
+        for cmd in [
+            format!("dir {}", cache_dir.display()),
+            format!("tag {tag}"),
+            "bind ondemand".to_string(),
+        ] {
+            file.write_all(cmd.as_bytes())
+                .map_err(|e| KernelError::Io {
+                    what: format!("cachefiles command {cmd:?}"),
+                    source: e,
+                })?;
+        }
+        Ok(file.into())
+    }
+
+    /// Serve a bound device fd created elsewhere (a worker taking over
+    /// from one that died or stopped calls [`Device::restore`] next). Must
+    /// run inside a tokio runtime.
+    pub fn from_fd(fd: OwnedFd, writer: Arc<Writer>) -> Result<Self, KernelError> {
+        let file = File::from(fd);
         // SAFETY: the AsyncFd takes ownership of the File, so the fd stays
         // open for exactly as long as it is registered with the reactor and
         // is deregistered before it is closed (AsyncFd's drop order).
@@ -130,10 +157,20 @@ impl Device {
             cmd: Mutex::new(()),
             writer,
         };
-        dev.command(&format!("dir {}", cache_dir.display()))?;
-        dev.command(&format!("tag {tag}"))?;
-        dev.command("bind ondemand")?;
         Ok(dev)
+    }
+
+    /// Write `restore`: requests a previous daemon read but did not answer
+    /// are delivered again, and objects whose fd it closed are opened
+    /// again with a new OPEN (the failover series: Linux 6.8+, and
+    /// backports). A kernel without it refuses the command (EINVAL).
+    pub fn restore(&self) -> Result<(), KernelError> {
+        self.command("restore")
+    }
+
+    /// The device fd (to hand a copy to another process).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.get_ref().as_fd()
     }
 
     fn command(&self, cmd: &str) -> Result<(), KernelError> {

@@ -48,7 +48,7 @@ impl Daemon {
             .arg("--socket")
             .arg(&socket)
             .args(extra)
-            .env("KITE_LOG", "kite_daemon=debug")
+            .env("KITE_LOG", "info,kite_daemon=debug")
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
@@ -145,6 +145,43 @@ impl Daemon {
             .unwrap_or_else(|| panic!("unexpected output of kite profile: {said}"))
     }
 
+    /// The serving worker's pid (from status).
+    pub fn worker_pid(&self) -> i32 {
+        self.status()["health"]["pid"].as_i64().unwrap() as i32
+    }
+
+    /// The holder's pid (the process this handle started, or the one that
+    /// took over).
+    pub fn holder_pid(&self) -> i32 {
+        self.status()["health"]["holder_pid"].as_i64().unwrap() as i32
+    }
+
+    /// The started holder process, if it is still this handle's.
+    pub fn child_pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// Wait for the started holder to exit (after a hand-over or a stop).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        let t = Instant::now();
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                self.child = None;
+                return Some(s);
+            }
+            if t.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Forget the started process without stopping it (it was replaced).
+    pub fn disown(&mut self) {
+        self.child = None;
+    }
+
     /// Stop with SIGTERM and wait.
     pub fn stop(mut self) {
         self.terminate();
@@ -206,6 +243,9 @@ pub struct RangeServer {
     pub url: String,
     pub requests: Arc<AtomicU64>,
     pub bytes: Arc<AtomicU64>,
+    /// Milliseconds each response waits before it is sent (slows a cold
+    /// read down, so faults land in the middle of it).
+    pub delay_ms: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     addr: std::net::SocketAddr,
@@ -219,16 +259,18 @@ impl RangeServer {
             url: format!("http://{addr}"),
             requests: Arc::default(),
             bytes: Arc::default(),
+            delay_ms: Arc::default(),
             stop: Arc::default(),
             conns: Arc::default(),
             addr,
         };
-        let (root, req, bytes, stop, conns) = (
+        let (root, req, bytes, stop, conns, delay) = (
             root.to_path_buf(),
             s.requests.clone(),
             s.bytes.clone(),
             s.stop.clone(),
             s.conns.clone(),
+            s.delay_ms.clone(),
         );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -237,8 +279,9 @@ impl RangeServer {
                 }
                 let Ok(conn) = conn else { continue };
                 conns.lock().unwrap().push(conn.try_clone().unwrap());
-                let (root, req, bytes) = (root.clone(), req.clone(), bytes.clone());
-                std::thread::spawn(move || serve_conn(conn, &root, &req, &bytes));
+                let (root, req, bytes, delay) =
+                    (root.clone(), req.clone(), bytes.clone(), delay.clone());
+                std::thread::spawn(move || serve_conn(conn, &root, &req, &bytes, &delay));
             }
         });
         s
@@ -259,7 +302,7 @@ impl Drop for RangeServer {
     }
 }
 
-fn serve_conn(conn: TcpStream, root: &Path, req: &AtomicU64, bytes: &AtomicU64) {
+fn serve_conn(conn: TcpStream, root: &Path, req: &AtomicU64, bytes: &AtomicU64, delay: &AtomicU64) {
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut out = conn;
     loop {
@@ -287,6 +330,10 @@ fn serve_conn(conn: TcpStream, root: &Path, req: &AtomicU64, bytes: &AtomicU64) 
             }
         }
         req.fetch_add(1, Ordering::SeqCst);
+        let ms = delay.load(Ordering::Relaxed);
+        if ms > 0 {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         let file = root.join(path.trim_start_matches('/'));
         let Ok(data) = std::fs::read(&file) else {
             let _ = out.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n");
