@@ -77,11 +77,8 @@ pub mod env {
     pub const STARTED: &str = "KITE_DAEMON_STARTED";
     /// 1 for the first worker, counting every restart.
     pub const GENERATION: &str = "KITE_WORKER_GENERATION";
-    /// Keeper: the holder socket's listener.
-    pub const LISTEN_FD: &str = "KITE_HOLDER_LISTEN_FD";
-    /// Keeper: the fsids of the images whose mounts need the interface
-    /// (space separated; `*` for every kite mount).
-    pub const KEEP_FSIDS: &str = "KITE_KEEP_FSIDS";
+    /// Vault: its end of the channel to the holder.
+    pub const VAULT_FD: &str = "KITE_VAULT_FD";
 }
 
 /// The holder's errors.
@@ -533,30 +530,78 @@ async fn run_async(cfg: Config) -> Result<(), HolderError> {
     if held.used {
         settle(&held);
     }
+    // A second copy of the kernel fd in a process of its own, so even the
+    // holder's death does not release the interface.
+    let vault = match spawn_vault(&cfg, &held) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!("starting the vault: {e}; the holder's death would now release the kernel interface");
+            None
+        }
+    };
+    let release = |vault: &Option<UnixStream>| {
+        if let Some(v) = vault {
+            let _ = fdpass::send(v, b"RELEASE\n", &[]);
+        }
+    };
     match serve(&cfg, &mut held).await? {
-        Outcome::Handover(conn) => hand_over(&held, conn, true),
+        Outcome::Handover(conn) => {
+            hand_over(&held, conn, true)?;
+            release(&vault);
+            Ok(())
+        }
         Outcome::Stop(needs) => {
             let _ = std::fs::remove_file(&cfg.api_socket);
             held.api = None;
-            let keep = mounts_needing(&needs);
+            let keep = mounts_needing(&needs, &cfg.cache_dir);
             if keep.is_empty() {
                 let _ = std::fs::remove_file(holder_socket(&cfg.api_socket));
+                release(&vault);
                 tracing::info!("no mount needs the kernel interface: released");
                 notify(&[sd_notify::NotifyState::Stopping]);
                 return Ok(());
             }
-            spawn_keeper(&cfg, &held, &needs, &keep)
+            let Some(vault) = vault else {
+                return Err(HolderError::Refused(
+                    "mounts still need the kernel interface and there is no vault to keep it; not exiting would be the only safe choice, but this holder cannot serve: unmount them first".into(),
+                ));
+            };
+            let fsids = match &needs {
+                Some(f) => f.join(" "),
+                None => "*".into(),
+            };
+            fdpass::send(
+                &vault,
+                format!("KEEP {fsids}\n").as_bytes(),
+                &[held.listener.as_fd()],
+            )
+            .map_err(io_err("handing the holder socket to the vault"))?;
+            let mounts: Vec<String> = keep
+                .iter()
+                .map(|m| m.mountpoint.display().to_string())
+                .collect();
+            tracing::warn!(
+                mounts = %mounts.join(" "),
+                "mounted images still have data missing: the keeper holds the kernel interface until they are unmounted or a new kite daemon takes over; their reads of missing data wait until then"
+            );
+            Ok(())
         }
     }
 }
 
-/// The mounts that still need the kernel interface.
-fn mounts_needing(needs: &Option<Vec<String>>) -> Vec<kite_kernel::mount::ErofsMount> {
+/// The mounts that still need the kernel interface: those of the images
+/// named, or with None every kite mount of this cache (file-backed from
+/// its bootstraps, or fscache mode).
+fn mounts_needing(
+    needs: &Option<Vec<String>>,
+    cache_dir: &Path,
+) -> Vec<kite_kernel::mount::ErofsMount> {
+    let boots = cache_dir.join("bootstraps");
     kite_kernel::mount::erofs_mounts()
         .into_iter()
         .filter(|m| match needs {
             Some(fsids) => fsids.contains(&m.fsid),
-            None => true,
+            None => m.source == "none" || Path::new(&m.source).starts_with(&boots),
         })
         .collect()
 }
@@ -738,43 +783,36 @@ fn hand_over(held: &Held, conn: UnixStream, announce: bool) -> Result<(), Holder
     Ok(())
 }
 
-/// Leave a keeper holding the interface, and return (the holder exits).
-fn spawn_keeper(
-    cfg: &Config,
-    held: &Held,
-    needs: &Option<Vec<String>>,
-    keep: &[kite_kernel::mount::ErofsMount],
-) -> Result<(), HolderError> {
+/// Start the vault: `kite daemon --keeper` in its own process group,
+/// holding a copy of the kernel fd. It waits on a channel to the holder:
+/// `RELEASE` (the holder handed over, or nothing needs the interface) makes
+/// it exit; `KEEP <fsids>` with the holder socket attached (a stop while
+/// mounts need the interface), or the holder's death (the channel closes
+/// with no word), makes it the keeper.
+fn spawn_vault(cfg: &Config, held: &Held) -> Result<UnixStream, HolderError> {
+    let (mine, theirs) = UnixStream::pair().map_err(io_err("creating the vault channel"))?;
     let k = fdpass::inheritable(held.kernel.as_fd()).map_err(io_err("passing the kernel fd"))?;
-    let l =
-        fdpass::inheritable(held.listener.as_fd()).map_err(io_err("passing the holder socket"))?;
-    let fsids = match needs {
-        Some(f) => f.join(" "),
-        None => "*".into(),
-    };
+    let v = fdpass::inheritable(theirs.as_fd()).map_err(io_err("passing the vault channel"))?;
     let mut cmd = std::process::Command::new("/proc/self/exe");
-    cmd.args(["daemon", "--keeper", "--socket"])
+    cmd.args(["daemon", "--keeper", "--cache-dir"])
+        .arg(&cfg.cache_dir)
+        .arg("--socket")
         .arg(&cfg.api_socket)
         .env(env::KERNEL_FD, k.as_raw_fd().to_string())
-        .env(env::LISTEN_FD, l.as_raw_fd().to_string())
+        .env(env::VAULT_FD, v.as_raw_fd().to_string())
         .env(env::KERNEL_PATH, held.path.name())
-        .env(env::KEEP_FSIDS, fsids)
         .env(env::STARTED, held.started.to_string())
         .stdin(Stdio::null())
-        // Its own process group: a Ctrl-C meant for the holder's terminal
-        // does not reach it.
+        // Its own process group: a Ctrl-C or a signal meant for the
+        // holder's group does not reach it.
         .process_group(0);
-    let child = cmd.spawn().map_err(io_err("starting the keeper"))?;
-    let mounts: Vec<String> = keep
-        .iter()
-        .map(|m| m.mountpoint.display().to_string())
-        .collect();
-    tracing::warn!(
-        keeper = child.id(),
-        mounts = %mounts.join(" "),
-        "mounted images still have data missing: a keeper process holds the kernel interface until they are unmounted or a new kite daemon takes over; their reads of missing data wait until then"
+    let child = cmd.spawn().map_err(io_err("starting the vault"))?;
+    drop((k, v, theirs));
+    tracing::info!(
+        pid = child.id(),
+        "vault started (keeps the kernel interface if this holder dies)"
     );
-    Ok(())
+    Ok(mine)
 }
 
 /// `kite daemon --keeper`: hold the kernel interface, answering nothing,
@@ -783,16 +821,8 @@ fn spawn_keeper(
 /// kernel's wait is killable). SIGTERM and SIGINT are refused: releasing
 /// the interface while such mounts exist would turn missing data into
 /// zeros; SIGKILL does exactly that (the one unprotected case).
-pub fn run_keeper(api_socket: &Path) -> Result<(), HolderError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(io_err("starting the keeper's runtime"))?;
-    rt.block_on(keeper_async(api_socket))
-}
-
-async fn keeper_async(api_socket: &Path) -> Result<(), HolderError> {
-    use tokio::signal::unix::{signal, SignalKind};
+pub fn run_keeper(api_socket: &Path, cache_dir: &Path) -> Result<(), HolderError> {
+    use nix::sys::signal::{SigSet, Signal};
     let fd = |var: &str| -> Result<OwnedFd, HolderError> {
         fdpass::take_env_fd(var)
             .map_err(io_err(format!("taking {var}")))?
@@ -805,18 +835,78 @@ async fn keeper_async(api_socket: &Path) -> Result<(), HolderError> {
     let var = |v: &str| std::env::var(v).unwrap_or_default();
     let path = KernelPath::parse(&var(env::KERNEL_PATH))
         .ok_or_else(|| HolderError::Refused("keeper: no kernel path".into()))?;
-    let fsids = var(env::KEEP_FSIDS);
-    let needs: Option<Vec<String>> =
-        (fsids.trim() != "*").then(|| fsids.split_whitespace().map(String::from).collect());
+    let kernel = fd(env::KERNEL_FD)?;
+    let vault = UnixStream::from(fd(env::VAULT_FD)?);
+    let started = var(env::STARTED).parse().unwrap_or_else(|_| now_unix());
+    // While waiting, stray SIGTERM/SIGINT stay pending instead of killing
+    // the vault (they are reported once it keeps).
+    let mut quiet = SigSet::empty();
+    quiet.add(Signal::SIGTERM);
+    quiet.add(Signal::SIGINT);
+    let _ = quiet.thread_block();
+    let mut buf = [0u8; 64 * 1024];
+    let (n, fds) = loop {
+        match fdpass::recv(&vault, &mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => break r.map_err(io_err("waiting on the holder"))?,
+        }
+    };
+    let msg = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+    let (needs, listener) = if msg == "RELEASE" {
+        return Ok(());
+    } else if let Some(fsids) = msg.strip_prefix("KEEP") {
+        let needs =
+            (fsids.trim() != "*").then(|| fsids.split_whitespace().map(String::from).collect());
+        let listener = fds
+            .into_iter()
+            .next()
+            .map(UnixListener::from)
+            .ok_or_else(|| HolderError::Refused("KEEP came without the holder socket".into()))?;
+        (needs, listener)
+    } else {
+        // The channel closed with no word: the holder died (its worker
+        // dies with it, PR_SET_PDEATHSIG). Unless a new holder already
+        // serves (systemd restarted one from its fd store), deny what the
+        // worker left pending and keep the interface for the next daemon.
+        let hs = holder_socket(api_socket);
+        if UnixStream::connect(&hs).is_ok() {
+            tracing::info!("vault: the holder died, and a new one already serves: exiting");
+            return Ok(());
+        }
+        tracing::error!("vault: the holder died; keeping the kernel interface until a new kite daemon takes it over or no mount needs it");
+        if path == KernelPath::Fanotify {
+            let n = kite_kernel::fanotify::deny_pending(kernel.as_fd(), WORKER_FD_LIMIT as i32);
+            tracing::info!(
+                denied = n,
+                "vault: denied the events the dead worker had read (EIO)"
+            );
+        }
+        (None, bind_socket(&hs)?)
+    };
+    let _ = quiet.thread_unblock();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_err("starting the keeper's runtime"))?;
     let held = Held {
         path,
         why: "keeper".into(),
-        kernel: fd(env::KERNEL_FD)?,
-        listener: UnixListener::from(fd(env::LISTEN_FD)?),
+        kernel,
+        listener,
         api: None,
         used: true,
-        started: var(env::STARTED).parse().unwrap_or_else(|_| now_unix()),
+        started,
     };
+    rt.block_on(keeper_async(held, needs, api_socket, cache_dir))
+}
+
+async fn keeper_async(
+    held: Held,
+    needs: Option<Vec<String>>,
+    api_socket: &Path,
+    cache_dir: &Path,
+) -> Result<(), HolderError> {
+    use tokio::signal::unix::{signal, SignalKind};
     held.listener
         .set_nonblocking(true)
         .map_err(io_err("holder socket"))?;
@@ -834,7 +924,7 @@ async fn keeper_async(api_socket: &Path) -> Result<(), HolderError> {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if mounts_needing(&needs).is_empty() {
+                if mounts_needing(&needs, cache_dir).is_empty() {
                     let _ = std::fs::remove_file(holder_socket(api_socket));
                     tracing::info!("keeper: no mount needs the kernel interface any more: released");
                     return Ok(());
@@ -845,14 +935,14 @@ async fn keeper_async(api_socket: &Path) -> Result<(), HolderError> {
                 let Some(conn) = takeover_request(conn, false, None, 0).await else { continue };
                 return hand_over(&held, conn, false);
             }
-            _ = term.recv() => keeper_refuses("SIGTERM", &needs),
-            _ = int.recv() => keeper_refuses("SIGINT", &needs),
+            _ = term.recv() => keeper_refuses("SIGTERM", &needs, cache_dir),
+            _ = int.recv() => keeper_refuses("SIGINT", &needs, cache_dir),
         }
     }
 }
 
-fn keeper_refuses(sig: &str, needs: &Option<Vec<String>>) {
-    let mounts: Vec<String> = mounts_needing(needs)
+fn keeper_refuses(sig: &str, needs: &Option<Vec<String>>, cache_dir: &Path) {
+    let mounts: Vec<String> = mounts_needing(needs, cache_dir)
         .iter()
         .map(|m| m.mountpoint.display().to_string())
         .collect();

@@ -159,8 +159,10 @@ pub fn encode_response(fd: i32, response: u32) -> [u8; 8] {
 pub fn deny_pending(group: BorrowedFd<'_>, below: i32) -> usize {
     let mut denied = 0;
     for fd in 0..below.max(0) {
-        // ENOENT: no pending event with this number.
-        if nix::unistd::write(group, &encode_response(fd, deny_errno(libc::EIO))).is_ok() {
+        // ENOENT: no (more) pending events with this number. Two dead
+        // readers may have used the same number; each answer takes the
+        // oldest, so repeat until the kernel says there is none.
+        while nix::unistd::write(group, &encode_response(fd, deny_errno(libc::EIO))).is_ok() {
             denied += 1;
         }
     }

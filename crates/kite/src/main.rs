@@ -310,7 +310,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             init_logging();
             if keeper {
-                kite_holder::run_keeper(&socket)?;
+                kite_holder::run_keeper(&socket, &cache_dir)?;
                 return Ok(());
             }
             if !worker {

@@ -321,8 +321,10 @@ fn b_graceful_worker_restart_and_upgrade_cost_readers_nothing() {
         "{err}"
     );
     m.umount();
+    let socket = d2.socket.clone();
     d2.stop();
     d.disown();
+    wait_no_keepers(&socket, "");
 }
 
 #[test]
@@ -407,10 +409,100 @@ fn c_a_keeper_releases_the_interface_once_unmounted() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    wait_no_keepers(&d.socket, &d.log_text());
     // A daemon started afterwards opens a fresh interface.
     let d2 = Daemon::start(dir.path(), &[]);
     assert!(!d2.log_text().contains("taken over"), "{}", d2.log_text());
+    let socket = d2.socket.clone();
     d2.stop();
+    wait_no_keepers(&socket, "");
+}
+
+/// Processes running `kite daemon --keeper` for `socket` (vaults and
+/// keepers).
+fn keepers_for(socket: &Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        if args.iter().any(|a| *a == b"--keeper")
+            && args
+                .iter()
+                .any(|a| *a == socket.as_os_str().as_encoded_bytes())
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn wait_no_keepers(socket: &Path, log: &str) {
+    let t = Instant::now();
+    while !keepers_for(socket).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "keeper/vault processes left behind: {:?}\n{log}",
+            keepers_for(socket)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn d_a_killed_holder_leaves_a_vault_that_keeps_readers_safe() {
+    if !require(
+        "d_a_killed_holder_leaves_a_vault_that_keeps_readers_safe",
+        fanotify_path(),
+    ) {
+        return;
+    }
+    let dir = tempdir();
+    let fx = fixture(dir.path(), 8, 12 * MIB);
+    fx.server.delay_ms.store(25, Ordering::Relaxed);
+    let mut d = Daemon::start(dir.path(), &[]);
+    let mnt = dir.path().join("mnt");
+    let m = d.mount(&fx.conv, &mnt, &["--backend-url", &fx.server.url]);
+    let worker = d.worker_pid();
+    assert_eq!(keepers_for(&d.socket).len(), 1, "one vault per holder");
+    let readers = start_readers(&mnt, &fx);
+    std::thread::sleep(Duration::from_millis(200));
+    kill(Pid::from_raw(d.child_pid().unwrap()), Signal::SIGKILL).unwrap();
+    d.wait_exit(Duration::from_secs(5)).expect("holder killed");
+    // The worker dies with its holder.
+    let t = Instant::now();
+    while kill(Pid::from_raw(worker), None).is_ok() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the worker outlived its holder"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Nobody serves: readers of missing data wait; none reads holes.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        readers.iter().any(|r| !r.is_finished()),
+        "every reader finished while no daemon served: were holes read?\n{}",
+        d.log_text()
+    );
+    let d2 = Daemon::start(dir.path(), &[]);
+    let (_, eio) = join_readers(readers, "holder killed", &d2.log_text());
+    assert!(d2.log_text().contains("taken over"), "{}", d2.log_text());
+    eprintln!("holder killed mid-read: {eio} reads got EIO, 0 wrong bytes");
+    let (ok, eio) = join_readers(start_readers(&mnt, &fx), "after", &d2.log_text());
+    assert_eq!(
+        (ok, eio),
+        (total(&fx), 0),
+        "re-read after the holder was killed"
+    );
+    m.umount();
+    let socket = d2.socket.clone();
+    d2.stop();
+    wait_no_keepers(&socket, &d.log_text());
 }
 
 #[test]

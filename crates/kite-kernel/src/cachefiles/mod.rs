@@ -291,7 +291,15 @@ fn own_fd(fd: u32) -> OwnedFd {
     // (cachefiles_ondemand_get_fd) and nothing else refers to it; taking
     // ownership here is the only place it is wrapped, so it is closed exactly
     // once, when the last reference to the object is dropped.
-    unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
+    let owned = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // The kernel installs it without O_CLOEXEC: a copy leaked into a child
+    // would keep the object open under an id a restarted worker does not
+    // know, stranding its READs after `restore`.
+    let _ = nix::fcntl::fcntl(
+        owned.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
+    owned
 }
 
 /// The anonymous fd of one cache file.
