@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::backend::{Backend, Http, LocalDir, Registry as RegistryBackend};
-use crate::serve::Daemon;
+use crate::daemon::Daemon;
 use crate::DaemonError;
 
 /// Where an image's blobs come from.
@@ -338,7 +338,7 @@ async fn handle(
             let body = req.into_body().collect().await?.to_bytes();
             match serde_json::from_slice::<RegisterRequest>(&body) {
                 Err(e) => error(StatusCode::BAD_REQUEST, &format!("bad request body: {e}")),
-                Ok(r) => match register(&ctx, r).await {
+                Ok(r) => match register(Arc::clone(&ctx), r).await {
                     Ok(resp) => json(StatusCode::OK, &resp),
                     Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
                 },
@@ -611,7 +611,22 @@ fn read_profile(
     })
 }
 
-async fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterResponse, DaemonError> {
+/// Run blocking registration work (file reads, parsing, hashing, fsync)
+/// on the blocking pool: an async worker answering kernel requests must
+/// never wait for a large registration.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, DaemonError> + Send + 'static,
+) -> Result<T, DaemonError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| DaemonError::Config(format!("registration task: {e}")))?
+}
+
+async fn register(
+    ctx: Arc<ApiContext>,
+    r: RegisterRequest,
+) -> Result<RegisterResponse, DaemonError> {
+    let ctx = &ctx;
     let (bytes, backend, source, pinned, profile) = match (&r.image, &r.bootstrap, &r.backend) {
         (Some(image), None, None) => {
             if r.prefetch.is_some() {
@@ -623,22 +638,25 @@ async fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterRespon
             (bytes, backend, pinned.clone(), Some(pinned), profile)
         }
         (None, Some(bootstrap), Some(spec)) => {
-            let bytes = std::fs::read(bootstrap).map_err(|e| DaemonError::Io {
-                what: format!("reading bootstrap {}", bootstrap.display()),
-                source: e,
-            })?;
-            // Validate (and hash) before taking the registry lock: a bad or
-            // huge bootstrap must not stall or poison the request loop's
-            // lookups.
-            let parsed =
-                kite_format::Bootstrap::parse(&bytes).map_err(|e| DaemonError::BadBootstrap {
-                    source_name: bootstrap.display().to_string(),
-                    why: e.to_string(),
+            let (path, prefetch) = (bootstrap.clone(), r.prefetch.clone());
+            let (bytes, profile) = blocking(move || {
+                let bytes = std::fs::read(&path).map_err(|e| DaemonError::Io {
+                    what: format!("reading bootstrap {}", path.display()),
+                    source: e,
                 })?;
-            let profile = match &r.prefetch {
-                Some(p) => Some(read_profile(p, &bytes, &parsed)?),
-                None => None,
-            };
+                let parsed = kite_format::Bootstrap::parse(&bytes).map_err(|e| {
+                    DaemonError::BadBootstrap {
+                        source_name: path.display().to_string(),
+                        why: e.to_string(),
+                    }
+                })?;
+                let profile = match &prefetch {
+                    Some(p) => Some(read_profile(p, &bytes, &parsed)?),
+                    None => None,
+                };
+                Ok((bytes, profile))
+            })
+            .await?;
             let backend: Arc<dyn Backend> = match spec {
                 BackendSpec::Local { dir } => Arc::new(LocalDir::new(dir.clone())),
                 BackendSpec::Http { url } => {
@@ -660,30 +678,32 @@ async fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterRespon
             ))
         }
     };
-    let img = install(ctx, bytes, backend, source)?;
-    // Keep the bootstrap and the registration, so a new worker can adopt
-    // the image without the network and without a remount.
-    let boot = crate::adopt::bootstrap_path(&ctx.cache_dir, &img.fsid);
-    let keep = {
-        let bytes = Arc::clone(&img.bootstrap);
-        let boot = boot.clone();
-        tokio::task::spawn_blocking(move || crate::write_intact(&boot, &bytes))
+    // Parse, index, keep the bootstrap and write the record off the
+    // async workers; the registry lock is held only to insert.
+    let img = {
+        let ctx = Arc::clone(ctx);
+        let request = r.clone();
+        let pinned = pinned.clone();
+        blocking(move || {
+            let img = install(&ctx, bytes, backend, source)?;
+            // Keep the bootstrap and the registration, so a new worker can
+            // adopt the image without the network and without a remount.
+            let boot = crate::adopt::bootstrap_path(&ctx.cache_dir, &img.fsid);
+            crate::write_intact(&boot, &img.bootstrap).map_err(|e| DaemonError::Io {
+                what: format!("keeping the bootstrap in {}", boot.display()),
+                source: e,
+            })?;
+            let record = crate::adopt::ImageRecord {
+                fsid: img.fsid.clone(),
+                request,
+                pinned,
+                mountpoints: Vec::new(),
+            };
+            crate::adopt::save(&ctx.run_dir, &record)?;
+            Ok(img)
+        })
+        .await?
     };
-    keep.await
-        .map_err(|e| DaemonError::Config(format!("keeping the bootstrap: {e}")))?
-        .map_err(|e| DaemonError::Io {
-            what: format!("keeping the bootstrap in {}", boot.display()),
-            source: e,
-        })?;
-    crate::adopt::save(
-        &ctx.run_dir,
-        &crate::adopt::ImageRecord {
-            fsid: img.fsid.clone(),
-            request: r.clone(),
-            pinned: pinned.clone(),
-            mountpoints: Vec::new(),
-        },
-    )?;
     let mut resp = RegisterResponse {
         fsid: img.fsid.clone(),
         domain_id: ctx.domain_id.clone(),
@@ -695,7 +715,10 @@ async fn register(ctx: &ApiContext, r: RegisterRequest) -> Result<RegisterRespon
         read_ahead_kb: (img.chunk_size / 1024).clamp(128, 16 << 10),
     };
     if let Some(fan) = &ctx.fanotify {
-        let files = fan.prepare(&img)?;
+        let files = {
+            let (fan, img) = (Arc::clone(fan), Arc::clone(&img));
+            blocking(move || fan.prepare(&img)).await?
+        };
         resp.bootstrap_path = Some(files.bootstrap);
         resp.devices = files.devices;
     }
@@ -715,12 +738,20 @@ pub(crate) fn install(
     backend: Arc<dyn Backend>,
     source: String,
 ) -> Result<Arc<crate::registry::Image>, DaemonError> {
+    let state_dir = ctx
+        .daemon
+        .registry
+        .lock()
+        .map_err(|_| DaemonError::Poisoned)?
+        .state_dir()
+        .map(Path::to_path_buf);
+    let prepared = crate::registry::prepare(bytes, source, state_dir.as_deref())?;
     let img = ctx
         .daemon
         .registry
         .lock()
         .map_err(|_| DaemonError::Poisoned)?
-        .register(bytes, backend, ctx.fetch_timeout, source)?;
+        .insert(prepared, backend, ctx.fetch_timeout);
     tracing::info!(fsid = %img.fsid, source = %img.source, blobs = img.blobs.len(), "registered image");
     Ok(img)
 }

@@ -24,12 +24,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kite_format::Digest;
-use kite_kernel::fanotify::{Group, PermEvent};
+use kite_kernel::fanotify::{PreContent, PreContentEvent};
 use kite_kernel::uring::Writer;
 
 use crate::blob::BlobState;
+use crate::daemon::Daemon;
+use crate::dispatch::{Answer, Miss};
 use crate::registry::Image;
-use crate::serve::Daemon;
 use crate::DaemonError;
 
 /// One blob's local file.
@@ -50,7 +51,7 @@ pub struct MountFiles {
 
 pub struct FanotifyPath {
     daemon: Arc<Daemon>,
-    group: Arc<Group>,
+    group: Arc<dyn PreContent>,
     writer: Arc<Writer>,
     cache_dir: PathBuf,
     by_id: Mutex<HashMap<(u64, u64), Arc<BlobFile>>>,
@@ -71,7 +72,7 @@ impl FanotifyPath {
     /// keep locked in memory (0: none).
     pub fn new(
         daemon: Arc<Daemon>,
-        group: Arc<Group>,
+        group: Arc<dyn PreContent>,
         writer: Arc<Writer>,
         cache_dir: &Path,
         pin_budget: u64,
@@ -229,7 +230,7 @@ impl FanotifyPath {
     /// Serve events until the group fails.
     pub async fn serve(self: Arc<Self>) -> Result<(), DaemonError> {
         loop {
-            match self.group.next_events().await {
+            match Arc::clone(&self.group).next_events().await {
                 Ok(events) => self.dispatch(events),
                 Err(e) => {
                     // One bad batch (or EMFILE) must not stop serving.
@@ -240,18 +241,11 @@ impl FanotifyPath {
         }
     }
 
-    fn dispatch(self: &Arc<Self>, events: Vec<PermEvent>) {
-        // Plan each blob's missing chunks for the whole batch first, so
-        // adjacent chunks are fetched in one request.
-        let mut plans: HashMap<
-            Digest,
-            (
-                Arc<BlobFile>,
-                Vec<usize>,
-                Arc<dyn kite_kernel::cachefiles::CacheObject>,
-            ),
-        > = HashMap::new();
-        let mut work = Vec::new();
+    /// Answer a batch of events: hits at once, misses through the shared
+    /// dispatcher (planned together, so adjacent chunks are fetched in one
+    /// request), events for unknown files denied.
+    pub fn dispatch(self: &Arc<Self>, events: Vec<Box<dyn PreContentEvent>>) {
+        let mut misses = Vec::new();
         for ev in events {
             self.events.fetch_add(1, Ordering::Relaxed);
             self.daemon.stats.reads.fetch_add(1, Ordering::Relaxed);
@@ -268,18 +262,19 @@ impl FanotifyPath {
                     .reads_failed
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
-                    pid = ev.raw.pid,
+                    pid = ev.pid(),
                     "pre-content event for an unknown file: denied with EIO"
                 );
-                let _ = ev.answer(Err(EIO));
+                ev.answer(Err(EIO));
                 continue;
             };
             bf.events.fetch_add(1, Ordering::Relaxed);
-            let (off, count) = ev.raw.range.unwrap_or((0, bf.blob.uncompressed_size));
+            let range = ev.range();
+            let (off, count) = range.unwrap_or((0, bf.blob.uncompressed_size));
             // Every read of a marked blob file is an event, of fetched
             // chunks too: the access log sees them all (an event without
             // a range says nothing about which chunks were read).
-            if ev.raw.range.is_some() {
+            if range.is_some() {
                 bf.blob.record_access(bf.blob.chunks_for(off, count));
             }
             // The event's fd writes without raising events: a queued
@@ -304,55 +299,47 @@ impl FanotifyPath {
                         );
                     }
                 }
-                let _ = ev.answer(Ok(()));
+                ev.answer(Ok(()));
                 // Readahead may have fetched the last chunk with no event
                 // waiting on it: finish the blob here.
-                if bf.blob.is_complete_for_mounts() {
-                    let me = Arc::clone(self);
-                    let bf = Arc::clone(&bf);
-                    tokio::task::spawn_blocking(move || me.complete(&bf));
-                }
+                self.finish_if_complete(&bf.blob);
                 continue;
             }
-            let obj = ev.object(&self.writer);
-            let p = plans
-                .entry(bf.blob.digest)
-                .or_insert_with(|| (Arc::clone(&bf), Vec::new(), Arc::clone(&obj)));
-            p.1.extend_from_slice(&want);
-            work.push((ev, bf, want, obj));
-        }
-        // One plan per blob for the batch; each event then waits only on
-        // the receivers of its own chunks.
-        let batch = crate::blob::Batch::plan(
-            plans.values().map(|(bf, w, o)| (&bf.blob, o, w.as_slice())),
-            self.daemon.merge_bound,
-        );
-        for (ev, bf, want, obj) in work {
-            let me = Arc::clone(self);
-            let waits = batch.waits(&bf.blob.digest, &want);
-            let inflight = crate::serve::Inflight::new(&self.daemon);
-            tokio::spawn(async move {
-                let _inflight = inflight;
-                let r = match waits {
-                    Ok(w) => bf.blob.wait(w).await,
-                    Err(e) => Err(e),
-                };
-                drop(obj);
-                match r {
-                    Ok(()) => {
-                        let _ = ev.answer(Ok(()));
-                        if bf.blob.is_complete_for_mounts() {
-                            let _ = tokio::task::spawn_blocking(move || me.complete(&bf)).await;
-                        }
-                    }
-                    Err(e) => {
-                        me.daemon.stats.reads_failed.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(blob = %bf.blob.digest, range = ?ev.raw.range, "denying read with EIO: {e}");
-                        let _ = ev.answer(Err(EIO));
-                    }
-                }
+            misses.push(Miss {
+                blob: Arc::clone(&bf.blob),
+                object: ev.object(&self.writer),
+                want,
+                answer: Answer::Event(ev),
+                off,
+                len: count,
             });
         }
+        let me = Arc::clone(self);
+        crate::dispatch::dispatch(
+            &self.daemon,
+            misses,
+            Some(Arc::new(move |blob: &Arc<BlobState>| {
+                me.finish_if_complete(blob)
+            })),
+        );
+    }
+
+    /// Once every chunk a mount needs is on disk: sync, save state and
+    /// unmark the blob's file (on the blocking pool).
+    fn finish_if_complete(self: &Arc<Self>, blob: &Arc<BlobState>) {
+        if !blob.is_complete_for_mounts() {
+            return;
+        }
+        let Some(bf) = self
+            .by_digest
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&blob.digest).cloned())
+        else {
+            return;
+        };
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || me.complete(&bf));
     }
 
     /// A blob is fully on disk: sync, save state, stop watching.

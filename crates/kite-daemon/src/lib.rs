@@ -5,7 +5,11 @@
 //! - [`blob`]: per-blob state: chunk table, fetches in flight, what was
 //!   fetched; fetch, verify, decompress, write into the cache.
 //! - [`backend`]: where stored bytes come from (local directory, HTTP).
-//! - [`serve`]: the kernel request loop with its always-complete READ guard.
+//! - [`daemon`]: the worker's shared state (registry, counters).
+//! - [`dispatch`]: the one dispatcher of cache misses: cachefiles READs
+//!   and fanotify events are planned, fetched and answered alike.
+//! - [`serve`]: the cachefiles request loop with its always-complete READ
+//!   guard.
 //! - [`fanotify`]: the fanotify path: sparse blob files, pre-content
 //!   events, unmarking complete blobs.
 //! - [`api`]: the control API on a unix socket, and its client.
@@ -29,6 +33,8 @@ pub mod adopt;
 pub mod api;
 pub mod backend;
 pub mod blob;
+pub mod daemon;
+pub mod dispatch;
 pub mod fanotify;
 pub mod registry;
 pub mod serve;
@@ -158,7 +164,7 @@ pub async fn run(cfg: DaemonConfig, h: Handoff) -> Result<(), DaemonError> {
         .unwrap_or_else(|| PathBuf::from("/run/kite"));
     let mut registry = registry::Registry::new(Some(state_dir.clone()));
     registry.readahead = cfg.readahead;
-    let daemon = serve::Daemon::new(registry, cfg.merge_bound);
+    let daemon = daemon::Daemon::new(registry, cfg.merge_bound);
     let (device, fan) = match h.path {
         KernelPath::Cachefiles => {
             let dev = Device::from_fd(h.kernel, Arc::clone(&writer))?;
@@ -319,7 +325,7 @@ fn kite_holder_report(ch: &mut std::os::unix::net::UnixStream, line: &str) -> st
 /// Wait until every kernel request this worker read is answered (or
 /// `limit` passes: fetches are bounded by the fetch timeout, so this only
 /// guards against a bug).
-async fn drain_inflight(daemon: &serve::Daemon, limit: Duration) {
+async fn drain_inflight(daemon: &daemon::Daemon, limit: Duration) {
     let t = std::time::Instant::now();
     loop {
         let n = daemon.stats.reads_inflight.load(Ordering::Relaxed);
@@ -341,7 +347,7 @@ async fn drain_inflight(daemon: &serve::Daemon, limit: Duration) {
 /// worker is gone: on the fanotify path those with data missing on disk;
 /// on the cachefiles path every registered one (the kernel's cache goes
 /// away with the device fd).
-fn needing_interface(daemon: &serve::Daemon, fanotify: bool) -> Vec<String> {
+fn needing_interface(daemon: &daemon::Daemon, fanotify: bool) -> Vec<String> {
     let images = daemon
         .registry
         .lock()
@@ -389,7 +395,7 @@ pub(crate) fn write_intact(path: &std::path::Path, bytes: &[u8]) -> std::io::Res
 /// bitmap is snapshotted *before* the blob files are synced, so what is
 /// saved never claims a chunk that is not on disk.
 pub(crate) fn persist(
-    daemon: &serve::Daemon,
+    daemon: &daemon::Daemon,
     fan: Option<&fanotify::FanotifyPath>,
     dir: &std::path::Path,
     blobs: Option<Vec<Arc<blob::BlobState>>>,

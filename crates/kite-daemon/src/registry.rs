@@ -120,7 +120,9 @@ impl Registry {
         }
     }
 
-    /// Register a bootstrap whose blobs come from `backend`.
+    /// Register a bootstrap whose blobs come from `backend` ([`prepare`]
+    /// then [`Registry::insert`]; callers that hold the registry behind a
+    /// lock prepare outside it).
     pub fn register(
         &mut self,
         bootstrap: Vec<u8>,
@@ -128,66 +130,62 @@ impl Registry {
         timeout: Duration,
         source: String,
     ) -> Result<Arc<Image>, DaemonError> {
-        let parsed = Bootstrap::parse(&bootstrap).map_err(|e| DaemonError::BadBootstrap {
-            source_name: source.clone(),
-            why: e.to_string(),
-        })?;
-        let fsid = Digest::of(&bootstrap).hex();
-        if let Some(img) = self.images.get(&fsid) {
-            return Ok(Arc::clone(img));
+        let p = prepare(bootstrap, source, self.state_dir.as_deref())?;
+        Ok(self.insert(p, backend, timeout))
+    }
+
+    /// Add a prepared image (cheap: no parsing, hashing or I/O). An image
+    /// registered already is returned as it is; blobs already known are
+    /// shared.
+    pub fn insert(
+        &mut self,
+        p: Prepared,
+        backend: Arc<dyn Backend>,
+        timeout: Duration,
+    ) -> Arc<Image> {
+        if let Some(img) = self.images.get(&p.fsid) {
+            return Arc::clone(img);
         }
         let mut blobs = Vec::new();
-        for view in parsed.index.blobs() {
-            let digest = view.record.digest;
-            let state = match self.blobs.get(&digest) {
-                Some(b) => Arc::clone(b),
+        for b in p.blobs {
+            let state = match self.blobs.get(&b.digest) {
+                Some(s) => Arc::clone(s),
                 None => {
-                    let chunks = (0..view.chunk_count)
-                        .map(|c| parsed.index.chunk(&view, c))
-                        .collect();
-                    let mut b = BlobState::new(
-                        digest,
-                        view.record.uncompressed_size,
-                        view.record.compressed_size,
-                        chunks,
+                    let mut s = BlobState::new(
+                        b.digest,
+                        b.uncompressed_size,
+                        b.compressed_size,
+                        b.chunks,
                         Arc::clone(&backend),
                         timeout,
                     );
-                    b.readahead = self.readahead;
-                    let b = Arc::new(b);
-                    if let Some(dir) = &self.state_dir {
-                        if let Some(map) = crate::state::load(dir, &digest) {
-                            b.restore_fetched(&map);
-                        }
+                    s.readahead = self.readahead;
+                    let s = Arc::new(s);
+                    if let Some(map) = &b.saved {
+                        s.restore_fetched(map);
                     }
-                    self.blobs.insert(digest, Arc::clone(&b));
-                    b
+                    self.blobs.insert(b.digest, Arc::clone(&s));
+                    s
                 }
             };
-            blobs.push(state);
-        }
-        // What the image's files can read, per blob (device-table order).
-        match referenced_chunks(&parsed) {
-            Ok(per_blob) => {
-                for (b, refs) in blobs.iter().zip(per_blob) {
-                    b.add_needed(&refs);
+            match &b.referenced {
+                Some(refs) => state.add_needed(refs),
+                None => {
+                    tracing::warn!(fsid = %p.fsid, blob = %b.digest, "could not list the chunks the image references; the blob completes only when every chunk is fetched")
                 }
             }
-            Err(e) => {
-                tracing::warn!(fsid = %fsid, "could not list the chunks the image references ({e}); its blobs complete only when every chunk is fetched")
-            }
+            blobs.push(state);
         }
-        let chunk_size = parsed.index.chunk_size;
         let img = Arc::new(Image {
-            fsid: fsid.clone(),
-            bootstrap: Arc::new(bootstrap),
+            fsid: p.fsid.clone(),
+            bootstrap: Arc::new(p.bootstrap),
             blobs,
-            source,
-            chunk_size,
+            source: p.source,
+            chunk_size: p.chunk_size,
             direct_io_mounts: std::sync::Mutex::new(Vec::new()),
         });
-        self.images.insert(fsid, Arc::clone(&img));
-        Ok(img)
+        self.images.insert(p.fsid, Arc::clone(&img));
+        img
     }
 
     /// Forget an image; blobs no other image uses are forgotten too.
@@ -257,4 +255,67 @@ fn referenced_chunks(bs: &Bootstrap<'_>) -> Result<Vec<Vec<usize>>, String> {
     };
     bs.erofs.walk(&mut f).map_err(|e| e.to_string())?;
     Ok(out)
+}
+
+/// One blob of a prepared image.
+pub struct PreparedBlob {
+    digest: Digest,
+    uncompressed_size: u64,
+    compressed_size: u64,
+    chunks: Vec<kite_format::index::ChunkRecord>,
+    /// Chunks the image's files point at (None: could not be listed).
+    referenced: Option<Vec<usize>>,
+    /// The persisted fetch map, if any.
+    saved: Option<Vec<bool>>,
+}
+
+/// A bootstrap validated and indexed, ready for [`Registry::insert`]: the
+/// parsing, hashing, tree walk and state reads of a registration, done
+/// before the registry lock is taken (on the blocking pool, by callers on
+/// a runtime).
+pub struct Prepared {
+    pub fsid: String,
+    bootstrap: Vec<u8>,
+    source: String,
+    chunk_size: u32,
+    blobs: Vec<PreparedBlob>,
+}
+
+/// Validate and index `bootstrap` (see [`Prepared`]).
+pub fn prepare(
+    bootstrap: Vec<u8>,
+    source: String,
+    state_dir: Option<&Path>,
+) -> Result<Prepared, DaemonError> {
+    let parsed = Bootstrap::parse(&bootstrap).map_err(|e| DaemonError::BadBootstrap {
+        source_name: source.clone(),
+        why: e.to_string(),
+    })?;
+    let fsid = Digest::of(&bootstrap).hex();
+    let referenced = referenced_chunks(&parsed);
+    if let Err(e) = &referenced {
+        tracing::warn!(fsid = %fsid, "listing the chunks the image references: {e}");
+    }
+    let mut blobs = Vec::new();
+    for (i, view) in parsed.index.blobs().enumerate() {
+        let digest = view.record.digest;
+        blobs.push(PreparedBlob {
+            digest,
+            uncompressed_size: view.record.uncompressed_size,
+            compressed_size: view.record.compressed_size,
+            chunks: (0..view.chunk_count)
+                .map(|c| parsed.index.chunk(&view, c))
+                .collect(),
+            referenced: referenced.as_ref().ok().and_then(|r| r.get(i).cloned()),
+            saved: state_dir.and_then(|d| crate::state::load(d, &digest)),
+        });
+    }
+    let chunk_size = parsed.index.chunk_size;
+    Ok(Prepared {
+        fsid,
+        bootstrap,
+        source,
+        chunk_size,
+        blobs,
+    })
 }

@@ -3,16 +3,17 @@
 //! One task reads requests from the cache device whenever it is readable
 //! and never awaits the network: OPEN and CLOSE are answered on the spot
 //! (registry lookups and a `copen`), and each batch of READs is planned
-//! together (so adjacent missing chunks of one blob become one range
-//! request) and then handed to one task per READ. Each READ task owns a
-//! [`Completion`] that completes the request when dropped, whether the
-//! task finishes, fails, or panics: a reader can get EIO but never hang.
+//! together by the shared dispatcher ([`crate::dispatch`]: adjacent
+//! missing chunks of one blob become one range request) and answered by
+//! one task per READ. Each READ owns a [`Completion`] that completes the
+//! request when dropped, whether the task finishes, fails, or panics: a
+//! reader can get EIO but never hang.
 //!
 //! Cancellation: dropping the loop's future stops reading new requests;
 //! READ tasks already spawned still complete their requests.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use kite_format::Digest;
@@ -20,21 +21,10 @@ use kite_kernel::cachefiles::{CacheDevice, CacheObject, Request};
 use kite_kernel::uring::AlignedBuf;
 
 use crate::blob::BlobState;
-use crate::registry::{Image, Registry};
+use crate::daemon::{lock, Daemon, Inflight};
+use crate::dispatch::{Answer, Miss};
+use crate::registry::Image;
 use crate::DaemonError;
-
-/// Daemon-wide request counters (for status and tests).
-#[derive(Debug, Default)]
-pub struct RequestStats {
-    pub opens: AtomicU64,
-    pub open_refused: AtomicU64,
-    pub closes: AtomicU64,
-    pub reads: AtomicU64,
-    pub reads_failed: AtomicU64,
-    /// READs handed to tasks and not yet completed.
-    pub reads_inflight: AtomicU64,
-    pub malformed: AtomicU64,
-}
 
 enum Target {
     Bootstrap(Arc<Image>),
@@ -46,54 +36,20 @@ struct OpenObject {
     object: Arc<dyn CacheObject>,
 }
 
-/// Shared state of a running daemon.
-pub struct Daemon {
-    pub registry: Mutex<Registry>,
-    objects: Mutex<HashMap<u32, OpenObject>>,
-    pub stats: RequestStats,
-    /// Largest stored-byte span of one merged fetch.
-    pub merge_bound: u64,
-}
+/// cachefiles: the cache objects the kernel opened, by object_id.
+#[derive(Default)]
+pub(crate) struct Objects(Mutex<HashMap<u32, OpenObject>>);
 
-impl Daemon {
-    pub fn new(registry: Registry, merge_bound: u64) -> Arc<Self> {
-        Arc::new(Self {
-            registry: Mutex::new(registry),
-            objects: Mutex::new(HashMap::new()),
-            stats: RequestStats::default(),
-            merge_bound,
-        })
-    }
-
-    /// Number of cache objects currently open (for tests and status).
-    pub fn open_objects(&self) -> usize {
-        self.objects.lock().map(|o| o.len()).unwrap_or(0)
-    }
-}
-
-/// Counts a kernel request as in flight until dropped (a graceful stop
-/// waits for the count to reach zero before the worker exits).
-pub(crate) struct Inflight(Arc<Daemon>);
-
-impl Inflight {
-    pub(crate) fn new(d: &Arc<Daemon>) -> Self {
-        d.stats.reads_inflight.fetch_add(1, Ordering::Relaxed);
-        Self(Arc::clone(d))
-    }
-}
-
-impl Drop for Inflight {
-    fn drop(&mut self) {
-        self.0.stats.reads_inflight.fetch_sub(1, Ordering::Relaxed);
+impl Objects {
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.0).len()
     }
 }
 
 /// Completes a READ when dropped: exactly once, on every path.
-struct Completion {
+pub struct Completion {
     object: Arc<dyn CacheObject>,
     msg_id: u32,
-    /// The daemon's in-flight gauge, decremented on completion.
-    gauge: Option<Arc<Daemon>>,
 }
 
 impl Drop for Completion {
@@ -102,9 +58,6 @@ impl Drop for Completion {
             tracing::warn!(msg_id = self.msg_id, "completing READ failed: {e}");
         } else {
             tracing::debug!(msg_id = self.msg_id, "READ completed");
-        }
-        if let Some(d) = &self.gauge {
-            d.stats.reads_inflight.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -124,13 +77,6 @@ pub async fn serve(daemon: Arc<Daemon>, dev: Arc<dyn CacheDevice>) -> Result<(),
     }
 }
 
-/// Lock a daemon mutex, recovering it if a panicking holder poisoned it:
-/// the request loop must keep serving.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Handle every pending request.
 /// Handle every pending request. A failure of one request is logged and
 /// never stops the loop: other mounts keep being served.
 pub fn drain(daemon: &Arc<Daemon>, dev: &dyn CacheDevice) {
@@ -178,7 +124,7 @@ pub fn drain(daemon: &Arc<Daemon>, dev: &dyn CacheDevice) {
                 if let Some(OpenObject {
                     target: Target::Blob(b),
                     object,
-                }) = lock(&daemon.objects).remove(&object_id)
+                }) = lock(&daemon.objects.0).remove(&object_id)
                 {
                     b.object_gone(Some(object.target()));
                 }
@@ -204,15 +150,11 @@ pub fn drain(daemon: &Arc<Daemon>, dev: &dyn CacheDevice) {
                         }
                     }
                     2 => {
-                        let obj = lock(&daemon.objects)
+                        let obj = lock(&daemon.objects.0)
                             .get(&object_id)
                             .map(|e| Arc::clone(&e.object));
                         if let Some(object) = obj {
-                            drop(Completion {
-                                object,
-                                msg_id,
-                                gauge: None,
-                            });
+                            drop(Completion { object, msg_id });
                         }
                     }
                     _ => {}
@@ -269,7 +211,7 @@ fn handle_open(
         Target::Blob(b) => Some(Arc::clone(b)),
         Target::Bootstrap(_) => None,
     };
-    lock(&daemon.objects).insert(
+    lock(&daemon.objects.0).insert(
         object_id,
         OpenObject {
             target,
@@ -279,7 +221,7 @@ fn handle_open(
     if let Err(e) = dev.copen(msg_id, size as i64) {
         // The kernel gave up on this OPEN (e.g. the mount was killed):
         // forget the object so its fd is closed.
-        lock(&daemon.objects).remove(&object_id);
+        lock(&daemon.objects.0).remove(&object_id);
         return Err(e.into());
     }
     // The object can be written from now on: a queued profile starts.
@@ -290,11 +232,8 @@ fn handle_open(
 }
 
 fn dispatch_reads(daemon: &Arc<Daemon>, reads: Vec<(u32, u32, u64, u64)>) {
-    let objects = lock(&daemon.objects);
-    // Plan blob READs of this batch together, so adjacent chunks merge.
-    let mut plans: HashMap<Digest, (Arc<BlobState>, Arc<dyn CacheObject>, Vec<usize>)> =
-        HashMap::new();
-    let mut tasks = Vec::new();
+    let objects = lock(&daemon.objects.0);
+    let mut misses = Vec::new();
     for (msg_id, object_id, off, len) in reads {
         daemon.stats.reads.fetch_add(1, Ordering::Relaxed);
         let Some(entry) = objects.get(&object_id) else {
@@ -304,113 +243,39 @@ fn dispatch_reads(daemon: &Arc<Daemon>, reads: Vec<(u32, u32, u64, u64)>) {
             continue;
         };
         tracing::debug!(msg_id, object_id, off, len, "READ");
-        daemon.stats.reads_inflight.fetch_add(1, Ordering::Relaxed);
         let done = Completion {
             object: Arc::clone(&entry.object),
             msg_id,
-            gauge: Some(Arc::clone(daemon)),
         };
         match &entry.target {
-            Target::Bootstrap(img) => tasks.push(ReadTask::Bootstrap {
-                img: Arc::clone(img),
-                off,
-                len,
-                done,
-            }),
+            Target::Bootstrap(img) => {
+                let (img, d) = (Arc::clone(img), Arc::clone(daemon));
+                let inflight = Inflight::new(daemon);
+                tokio::spawn(async move {
+                    let _inflight = inflight;
+                    if let Err(e) = serve_bootstrap(&img, off, len, &done.object).await {
+                        d.stats.reads_failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(msg_id, fsid = %img.fsid, off, len, "bootstrap READ failed: {e}");
+                    }
+                    drop(done);
+                });
+            }
             Target::Blob(b) => {
                 let want: Vec<usize> = b.chunks_for(off, len).collect();
                 b.record_access(want.iter().copied());
-                let p = plans
-                    .entry(b.digest)
-                    .or_insert_with(|| (Arc::clone(b), Arc::clone(&entry.object), Vec::new()));
-                p.2.extend_from_slice(&want);
-                tasks.push(ReadTask::Blob {
+                misses.push(Miss {
                     blob: Arc::clone(b),
+                    object: Arc::clone(&entry.object),
                     want,
-                    waits: Ok(Vec::new()),
+                    answer: Answer::Read(done),
                     off,
                     len,
-                    done,
                 });
             }
         }
     }
     drop(objects);
-    // One plan per blob for the whole batch; each READ then waits only on
-    // the receivers of its own chunks.
-    let batch = crate::blob::Batch::plan(
-        plans.values().map(|(b, o, w)| (b, o, w.as_slice())),
-        daemon.merge_bound,
-    );
-    for mut t in tasks {
-        if let ReadTask::Blob {
-            blob, want, waits, ..
-        } = &mut t
-        {
-            *waits = batch.waits(&blob.digest, want);
-        }
-        let d = Arc::clone(daemon);
-        tokio::spawn(async move { t.run(&d).await });
-    }
-}
-
-enum ReadTask {
-    Bootstrap {
-        img: Arc<Image>,
-        off: u64,
-        len: u64,
-        done: Completion,
-    },
-    Blob {
-        blob: Arc<BlobState>,
-        want: Vec<usize>,
-        /// Receivers for `want`, filled in after the batch is planned.
-        waits: Result<crate::blob::Waits, String>,
-        off: u64,
-        len: u64,
-        done: Completion,
-    },
-}
-
-impl ReadTask {
-    async fn run(self, daemon: &Daemon) {
-        match self {
-            ReadTask::Bootstrap {
-                img,
-                off,
-                len,
-                done,
-            } => {
-                let r = serve_bootstrap(&img, off, len, &done.object).await;
-                if let Err(e) = r {
-                    daemon.stats.reads_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(msg_id = done.msg_id, fsid = %img.fsid, off, len, "bootstrap READ failed: {e}");
-                }
-                drop(done);
-            }
-            ReadTask::Blob {
-                blob,
-                want,
-                waits,
-                off,
-                len,
-                done,
-            } => {
-                if want.is_empty() {
-                    tracing::warn!(msg_id = done.msg_id, blob = %blob.digest, off, len, "READ outside every chunk");
-                }
-                let r = match waits {
-                    Ok(w) => blob.wait(w).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = r {
-                    daemon.stats.reads_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(msg_id = done.msg_id, blob = %blob.digest, off, len, "READ failed, completing without data: {e}");
-                }
-                drop(done);
-            }
-        }
-    }
+    crate::dispatch::dispatch(daemon, misses, None);
 }
 
 async fn serve_bootstrap(

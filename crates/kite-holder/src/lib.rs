@@ -205,6 +205,8 @@ struct Held {
     /// The interface was used before (by a predecessor or a dead worker).
     used: bool,
     started: u64,
+    /// Workers this line of holders has started so far.
+    generation: u64,
 }
 
 fn now_unix() -> u64 {
@@ -293,6 +295,7 @@ fn take_over(cfg: &Config) -> Result<Option<Held>, HolderError> {
         api,
         used: true,
         started: field("started").parse().unwrap_or_else(|_| now_unix()),
+        generation: field("generation").parse().unwrap_or(0),
     }))
 }
 
@@ -319,6 +322,7 @@ fn from_fd_store(cfg: &Config) -> Result<Option<Held>, HolderError> {
         api: None,
         used: true,
         started: now_unix(),
+        generation: 0,
     }))
 }
 
@@ -359,6 +363,7 @@ fn open_fresh(cfg: &Config) -> Result<Held, HolderError> {
         api: None,
         used: false,
         started: now_unix(),
+        generation: 0,
     })
 }
 
@@ -621,11 +626,11 @@ async fn serve(cfg: &Config, held: &mut Held) -> Result<Outcome, HolderError> {
         held.listener.try_clone().map_err(io_err("holder socket"))?,
     )
     .map_err(io_err("registering the holder socket"))?;
-    let mut generation = 0u64;
     let mut quick_crashes = 0u32;
     let mut announced = false;
     loop {
-        generation += 1;
+        held.generation += 1;
+        let generation = held.generation;
         let mut w = spawn_worker(cfg, held, generation)?;
         let mut intent = Intent::Serve;
         let mut needs: Option<Vec<String>> = None;
@@ -769,10 +774,11 @@ fn hand_over(held: &Held, conn: UnixStream, announce: bool) -> Result<(), Holder
         fds.push(api.as_fd());
     }
     let msg = format!(
-        "HANDOVER path={} pid={} started={}\n",
+        "HANDOVER path={} pid={} started={} generation={}\n",
         held.path.name(),
         std::process::id(),
-        held.started
+        held.started,
+        held.generation
     );
     fdpass::send(&conn, msg.as_bytes(), &fds)
         .map_err(io_err("handing the kernel interface over"))?;
@@ -896,6 +902,7 @@ pub fn run_keeper(api_socket: &Path, cache_dir: &Path) -> Result<(), HolderError
         api: None,
         used: true,
         started,
+        generation: 0,
     };
     rt.block_on(keeper_async(held, needs, api_socket, cache_dir))
 }

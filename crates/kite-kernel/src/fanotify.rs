@@ -169,6 +169,41 @@ pub fn deny_pending(group: BorrowedFd<'_>, below: i32) -> usize {
     denied
 }
 
+/// A future returned by [`PreContent::next_events`].
+pub type EventsFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<Vec<Box<dyn PreContentEvent>>, KernelError>> + Send,
+    >,
+>;
+
+/// A pre-content group as the daemon uses it: the real [`Group`], or a
+/// scripted double in tests (as [`crate::cachefiles::CacheDevice`] is for
+/// cachefiles).
+pub trait PreContent: Send + Sync {
+    /// Wait for events and return all that are pending.
+    fn next_events(self: Arc<Self>) -> EventsFuture;
+    /// Watch `path` for pre-content access.
+    fn mark(&self, path: &Path) -> Result<(), KernelError>;
+    /// Stop watching `path`.
+    fn unmark(&self, path: &Path) -> Result<(), KernelError>;
+}
+
+/// One permission event awaiting its answer. Dropping it unanswered must
+/// deny it (EIO), so no reader waits forever.
+pub trait PreContentEvent: Send {
+    /// `(offset, count)` of the access, if the kernel said.
+    fn range(&self) -> Option<(u64, u64)>;
+    /// The accessing process.
+    fn pid(&self) -> i32;
+    /// `(device, inode)` of the event's file.
+    fn file_id(&self) -> io::Result<(u64, u64)>;
+    /// A cache object writing into the event's file without raising
+    /// events.
+    fn object(&self, writer: &Arc<Writer>) -> Arc<dyn CacheObject>;
+    /// Allow, or deny with `errno`.
+    fn answer(self: Box<Self>, result: Result<(), i32>);
+}
+
 /// A pre-content notification group.
 pub struct Group {
     file: AsyncFd<std::fs::File>,
@@ -359,6 +394,42 @@ impl Group {
         self.file
             .get_ref()
             .write_all(&encode_response(fd, response))
+    }
+}
+
+impl PreContent for Group {
+    fn next_events(self: Arc<Self>) -> EventsFuture {
+        Box::pin(async move {
+            Ok(Group::next_events(&self)
+                .await?
+                .into_iter()
+                .map(|e| Box::new(e) as Box<dyn PreContentEvent>)
+                .collect())
+        })
+    }
+    fn mark(&self, path: &Path) -> Result<(), KernelError> {
+        Group::mark(self, path)
+    }
+    fn unmark(&self, path: &Path) -> Result<(), KernelError> {
+        Group::unmark(self, path)
+    }
+}
+
+impl PreContentEvent for PermEvent {
+    fn range(&self) -> Option<(u64, u64)> {
+        self.raw.range
+    }
+    fn pid(&self) -> i32 {
+        self.raw.pid
+    }
+    fn file_id(&self) -> io::Result<(u64, u64)> {
+        PermEvent::file_id(self)
+    }
+    fn object(&self, writer: &Arc<Writer>) -> Arc<dyn CacheObject> {
+        PermEvent::object(self, writer)
+    }
+    fn answer(self: Box<Self>, result: Result<(), i32>) {
+        let _ = PermEvent::answer(*self, result);
     }
 }
 

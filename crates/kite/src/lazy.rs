@@ -327,6 +327,15 @@ pub async fn status(socket: &Path, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
+        "kite daemon: worker pid {} (generation {}, started {}), holder pid {}, daemon started {}; {} images adopted at start",
+        health.pid,
+        health.worker_generation,
+        health.worker_started,
+        health.holder_pid,
+        health.daemon_started,
+        health.adopted_images
+    );
+    println!(
         "kite daemon: {} path, cache {}, domain {}, {} open objects, {} READs ({} failed, {} in flight), {} opens refused, writes via {}",
         health.kernel_path,
         health.cache_dir.display(),

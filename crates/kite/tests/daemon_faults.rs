@@ -430,10 +430,8 @@ fn keepers_for(socket: &Path) -> Vec<i32> {
             continue;
         };
         let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        if args.iter().any(|a| *a == b"--keeper")
-            && args
-                .iter()
-                .any(|a| *a == socket.as_os_str().as_encoded_bytes())
+        if args.contains(&b"--keeper".as_slice())
+            && args.contains(&socket.as_os_str().as_encoded_bytes())
         {
             out.push(pid);
         }
