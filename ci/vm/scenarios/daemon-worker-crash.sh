@@ -28,7 +28,7 @@ with open(os.path.join(data, "image.sums"), "w") as sums:
     for step in ("crash", "hup", "takeover", "stop"):
         os.makedirs(os.path.join(tree, step))
         for i in range(6):
-            content = rng.randbytes(2 * MiB + 4096 * i + 77)
+            content = rng.randbytes(4 * MiB + 4096 * i + 77)
             name = f"{step}/f{i}.bin"
             with open(os.path.join(tree, name), "wb") as f:
                 f.write(content)
@@ -93,6 +93,11 @@ scenario_guest() {
         dl_since "$t"
     }
 
+    # running: readers of the current step that have not finished.
+    running() {
+        echo $((6 - $(ls /tmp/r | wc -l)))
+    }
+
     dl_daemon_start
     kite mount /data/image /mnt/img >&2 || dl_fail "kite mount failed"
     [ "$(dl_health kernel_path)" = cachefiles ] || dl_fail "not on the cachefiles path"
@@ -100,7 +105,8 @@ scenario_guest() {
     # 1. Worker crash.
     worker=$(dl_health pid)
     readers crash
-    sleep 0.2
+    sleep 0.1
+    at_kill=$(running)
     kill -KILL "$worker"
     back=$(wait_worker "$worker")
     wait_readers
@@ -114,7 +120,8 @@ scenario_guest() {
     # 2. Graceful worker restart.
     worker=$(dl_health pid)
     readers hup
-    sleep 0.2
+    sleep 0.1
+    at_hup=$(running)
     kill -HUP "$(dl_health holder_pid)"
     hup=$(wait_worker "$worker")
     wait_readers
@@ -124,7 +131,8 @@ scenario_guest() {
     worker=$(dl_health pid)
     old=$DL_DAEMON
     readers takeover
-    sleep 0.2
+    sleep 0.1
+    at_up=$(running)
     kite daemon --cache-dir "$DL_CACHE" --socket "$DL_SOCK" --takeover 2>>"$DL_LOG" &
     DL_DAEMON=$!
     up=$(wait_worker "$worker")
@@ -135,7 +143,8 @@ scenario_guest() {
 
     # 4. Whole-daemon stop, then a new daemon.
     readers stop
-    sleep 0.2
+    sleep 0.1
+    at_stop=$(running)
     dl_daemon_stop TERM
     grep -q "keeper holds the kernel interface" "$DL_LOG" || dl_fail "the stop left no keeper while the image was mounted"
     sleep 1
@@ -147,5 +156,5 @@ scenario_guest() {
 
     kite umount /mnt/img >&2 || dl_fail "kite umount failed"
     dl_daemon_stop
-    echo "worker SIGKILL mid-read: $crash_errs of 6 readers got an error, 0 wrong bytes, new worker in ${back} s (restore written, image adopted), all bytes right after; SIGHUP restart: 0 errors, new worker in ${hup} s; takeover: 0 errors, new holder serving in ${up} s; stop with readers: $done_now of 6 done while stopped, then 0 errors after a new daemon took over from the keeper" >"$KITE_DETAIL"
+    echo "readers still reading at each fault (of 6): kill $at_kill, SIGHUP $at_hup, takeover $at_up, stop $at_stop. Worker SIGKILL mid-read: $crash_errs of 6 readers got an error, 0 wrong bytes, new worker in ${back} s (restore written, image adopted), all bytes right after; SIGHUP restart: 0 errors, new worker in ${hup} s; takeover: 0 errors, new holder serving in ${up} s; stop with readers: $done_now of 6 done while stopped, then 0 errors after a new daemon took over from the keeper" >"$KITE_DETAIL"
 }
