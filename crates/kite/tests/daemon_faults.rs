@@ -503,6 +503,152 @@ fn d_a_killed_holder_leaves_a_vault_that_keeps_readers_safe() {
     wait_no_keepers(&socket, &d.log_text());
 }
 
+/// `tests/tools/fake_service_manager.py` running a kite daemon: systemd's
+/// notify socket and fd store, where systemd is not PID 1.
+struct ServiceManager {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl ServiceManager {
+    fn start(dir: &Path, args: &[&str]) -> ServiceManager {
+        use std::io::BufRead;
+        let log = std::fs::File::create(dir.join("manager.log")).unwrap();
+        let mut child = std::process::Command::new("python3")
+            .arg(tool("fake_service_manager.py"))
+            .arg(dir)
+            .arg("--")
+            .arg(kite_bin())
+            .args(args)
+            .env("KITE_LOG", "info,kite_daemon=debug")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        ServiceManager {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// Send a command; wait for a line starting with `want`.
+    fn ask(&mut self, cmd: &str, want: &str) -> String {
+        use std::io::Write;
+        if !cmd.is_empty() {
+            writeln!(self.stdin, "{cmd}").unwrap();
+        }
+        self.expect(want)
+    }
+
+    fn expect(&self, want: &str) -> String {
+        let t = Instant::now();
+        loop {
+            let left = Duration::from_secs(30).saturating_sub(t.elapsed());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.starts_with(want) => return l,
+                Ok(_) => continue,
+                Err(_) => panic!("the service manager never said {want:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for ServiceManager {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn d_under_a_service_manager_the_fd_store_outlives_holder_and_vault() {
+    if !require(
+        "d_under_a_service_manager_the_fd_store_outlives_holder_and_vault",
+        fanotify_path(),
+    ) {
+        return;
+    }
+    let dir = tempdir();
+    let fx = fixture(dir.path(), 8, 12 * MIB);
+    fx.server.delay_ms.store(25, Ordering::Relaxed);
+    let (sock, cache) = (dir.path().join("kite.sock"), dir.path().join("cache"));
+    let args = [
+        "daemon",
+        "--kernel-path",
+        "fanotify",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--socket",
+        sock.to_str().unwrap(),
+    ];
+    let mut sm = ServiceManager::start(dir.path(), &args);
+    sm.ask("start", "started");
+    sm.expect("notify READY=1");
+    assert_eq!(sm.ask("store", "store"), "store kite-kernel-fanotify");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    kite_ok(&[
+        "mount",
+        fx.conv.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+        "--socket",
+        sock.to_str().unwrap(),
+        "--backend-url",
+        &fx.server.url,
+    ]);
+    let readers = start_readers(&mnt, &fx);
+    std::thread::sleep(Duration::from_millis(200));
+    // The whole daemon is killed: holder, then its vault (what a cgroup
+    // kill does). Only the fd store still holds the group.
+    sm.ask("kill", "killed");
+    let vaults = keepers_for(&sock);
+    assert_eq!(vaults.len(), 1, "one vault: {vaults:?}");
+    for v in vaults {
+        let _ = kill(Pid::from_raw(v), Signal::SIGKILL);
+    }
+    wait_no_keepers(&sock, "");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        readers.iter().any(|r| !r.is_finished()),
+        "every reader finished with no daemon and no vault: were holes read?"
+    );
+    // The service manager restarts the daemon with the stored fd.
+    sm.ask("start", "started");
+    sm.expect("notify READY=1");
+    let log = || std::fs::read_to_string(dir.path().join("manager.log")).unwrap_or_default();
+    let (_, eio) = join_readers(readers, "holder and vault killed", &log());
+    assert!(
+        log().contains("kept in systemd's file descriptor store"),
+        "{}",
+        log()
+    );
+    eprintln!(
+        "holder and vault killed under a service manager: {eio} reads got EIO, 0 wrong bytes"
+    );
+    let (ok, eio) = join_readers(start_readers(&mnt, &fx), "after", &log());
+    assert_eq!((ok, eio), (total(&fx), 0));
+    kite_ok(&[
+        "umount",
+        mnt.to_str().unwrap(),
+        "--socket",
+        sock.to_str().unwrap(),
+    ]);
+    drop(sm);
+    wait_no_keepers(&sock, &log());
+}
+
 #[test]
 fn e_a_forgotten_blob_fails_closed() {
     if !require("e_a_forgotten_blob_fails_closed", fanotify_path()) {
