@@ -567,9 +567,9 @@ async fn run_async(cfg: Config) -> Result<(), HolderError> {
                 return Ok(());
             }
             let Some(vault) = vault else {
-                return Err(HolderError::Refused(
-                    "mounts still need the kernel interface and there is no vault to keep it; not exiting would be the only safe choice, but this holder cannot serve: unmount them first".into(),
-                ));
+                // No vault to hand it to: this process keeps it itself.
+                tracing::warn!("mounted images still have data missing and there is no vault: the holder stays as their keeper");
+                return keeper_async(held, needs, &cfg.api_socket, &cfg.cache_dir).await;
             };
             let fsids = match &needs {
                 Some(f) => f.join(" "),
