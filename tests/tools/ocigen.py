@@ -844,7 +844,8 @@ def build_big(out: str, size_gb: float = 2.0, compression: str = "mixed") -> dic
 # --------------------------------------------------------------------------
 
 BAD_KINDS = ("truncated-gzip", "corrupt-zstd", "truncated-tar", "dotdot-entry", "absolute-path",
-             "symlink-escape", "hardlink-missing", "long-name", "digest-mismatch", "no-platform")
+             "symlink-escape", "hardlink-missing", "long-name", "digest-mismatch", "no-platform",
+             "dot-whiteout", "dotdot-whiteout", "big-device", "size-mismatch")
 CULPRIT = "data/culprit.bin"
 
 
@@ -891,7 +892,12 @@ def build_bad(kind: str, out: str) -> dict:
     lay = Layout(out)
     good1 = lay.add_layer(_good(1))
     entry = None
-    if kind in ("truncated-gzip", "corrupt-zstd", "truncated-tar", "digest-mismatch"):
+    if kind == "size-mismatch":
+        # Content and digest agree; the descriptor's size is one too many.
+        tar, _ = _culprit_layer()
+        desc, diff_id = lay.add_raw_layer(tar, "none", "sha256:" + hashlib.sha256(tar).hexdigest())
+        bad = (dict(desc, size=desc["size"] + 1), diff_id)
+    elif kind in ("truncated-gzip", "corrupt-zstd", "truncated-tar", "digest-mismatch"):
         tar, cut = _culprit_layer()
         diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
         entry = CULPRIT
@@ -936,6 +942,12 @@ def build_bad(kind: str, out: str) -> dict:
         elif kind == "long-name":
             entry = "data/" + "L" * 256
             b.file(entry, b"name component of 256 bytes\n")
+        elif kind in ("dot-whiteout", "dotdot-whiteout"):
+            entry = "data/.wh.." if kind == "dot-whiteout" else "data/.wh..."
+            b.add(tarfile.TarInfo(entry), b"")
+        elif kind == "big-device":
+            entry = "data/huge-dev"
+            b.char(entry, 2097151, 2097151)
         for ti in b.items:
             ti[1].mtime = MTIME + 2
         bad = lay.add_layer(b)

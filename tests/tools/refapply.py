@@ -157,6 +157,8 @@ def apply_layer(root: Node, stream, label: str) -> None:
                 opaques.append(parts[:-1])
                 continue
             if base.startswith(".wh."):
+                if base[4:] in ("", ".", ".."):
+                    raise ApplyError(f"whiteout {base!r} names {base[4:]!r}, which is not an entry")
                 whiteouts.append(parts[:-1] + [base[4:]])
                 continue
             sha = None
@@ -221,6 +223,9 @@ def _apply_entry(root: Node, m: tarfile.TarInfo, parts: list[str], sha: str | No
         node = _meta(m, "symlink")
         node.target = m.linkname
     elif m.ischr() or m.isblk():
+        # Linux device numbers: a 12-bit major, a 20-bit minor.
+        if m.devmajor >= 1 << 12 or m.devminor >= 1 << 20:
+            raise ApplyError(f"device number {m.devmajor}:{m.devminor} is not a Linux device number")
         node = _meta(m, "char" if m.ischr() else "block")
         node.rdev = [m.devmajor, m.devminor]
     elif m.isfifo():

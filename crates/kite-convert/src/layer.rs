@@ -74,6 +74,12 @@ impl Applier<'_> {
                     // Other AUFS metadata (.wh..wh.plnk etc.): not content.
                 } else if target.is_empty() {
                     return Err(EntryError::Bad("empty whiteout name".into()));
+                } else if target == b"." || target == b".." {
+                    return Err(EntryError::Bad(format!(
+                        "whiteout {:?} names {:?}, which is not an entry",
+                        lossy(last),
+                        lossy(target)
+                    )));
                 } else {
                     let mut victim = parent.to_vec();
                     victim.push(target.to_vec());
@@ -100,6 +106,13 @@ impl Applier<'_> {
                     )));
                 }
                 NodeKind::Symlink(t)
+            }
+            EntryKind::Char(major, minor) | EntryKind::Block(major, minor)
+                if !kite_erofs::ondisk::dev_fits(major, minor) =>
+            {
+                return Err(EntryError::Bad(format!(
+                    "device number {major}:{minor} does not fit EROFS (major below 4096, minor below 1048576)"
+                )));
             }
             EntryKind::Char(major, minor) => NodeKind::CharDev { major, minor },
             EntryKind::Block(major, minor) => NodeKind::BlockDev { major, minor },
@@ -264,6 +277,13 @@ pub(crate) fn apply_tar_layer(
     }
     io::copy(&mut raw, &mut io::sink()).map_err(|e| stream_err(&last, e))?;
     let actual = format!("sha256:{}", hex::encode(raw.hasher.finalize()));
+    if actual == layer.digest && raw.count != layer.size {
+        return Err(ConvertError::LayerSize {
+            layer: label,
+            expected: layer.size,
+            actual: raw.count,
+        });
+    }
     if actual != layer.digest || raw.count != layer.size {
         return Err(ConvertError::LayerDigest {
             layer: label,

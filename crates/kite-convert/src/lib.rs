@@ -55,6 +55,12 @@ pub enum ConvertError {
         expected: String,
         actual: String,
     },
+    #[error("layer {layer}: size mismatch: descriptor says {expected} bytes, content is {actual} bytes (its digest matches: the descriptor's size is wrong)")]
+    LayerSize {
+        layer: String,
+        expected: u64,
+        actual: u64,
+    },
     #[error("layer {layer}: unsupported media type {media_type:?}")]
     LayerMediaType { layer: String, media_type: String },
     #[error("{path}: {source}")]

@@ -28,6 +28,31 @@ use crate::{ConvertError, ConvertOptions};
 /// File name of the bootstrap in the output directory.
 pub const BOOTSTRAP_NAME: &str = "bootstrap";
 
+/// Remove the staging directories that conversions to `name` left in
+/// `parent` when they were killed (SIGKILL cannot clean up): those whose
+/// process no longer exists. A live conversion's is left alone.
+fn remove_stale(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.kite-tmp-");
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        // Best effort: a directory that cannot be removed is left as it was.
+        let _ = fs::remove_dir_all(e.path());
+    }
+}
+
 /// A temporary output directory, removed on drop unless committed.
 pub(crate) struct Staging {
     tmp: PathBuf,
@@ -57,6 +82,7 @@ impl Staging {
             _ => PathBuf::from("."),
         };
         fs::create_dir_all(&parent).map_err(|e| ConvertError::io(&parent, e))?;
+        remove_stale(&parent, &name);
         let tmp = parent.join(format!(".{name}.kite-tmp-{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
         let blobs = tmp.join("blobs").join("sha256");

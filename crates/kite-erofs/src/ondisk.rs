@@ -76,6 +76,13 @@ pub fn file_type_of(mode: u16) -> u8 {
     }
 }
 
+/// Whether a device number fits EROFS's 32-bit `i_u` (`new_encode_dev`:
+/// a 12-bit major, a 20-bit minor). A number that does not fit would be
+/// stored truncated, naming another device.
+pub fn dev_fits(major: u32, minor: u32) -> bool {
+    major < (1 << 12) && minor < (1 << 20)
+}
+
 /// Linux `new_encode_dev`: the 32-bit device number stored in `i_u`.
 pub fn encode_dev(major: u32, minor: u32) -> u32 {
     (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)

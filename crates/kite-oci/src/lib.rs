@@ -140,6 +140,13 @@ pub enum OciError {
         expected: String,
         actual: String,
     },
+    #[error("{what} {digest}: size mismatch: descriptor says {expected} bytes, content is {actual} bytes (its digest matches: the descriptor's size is wrong)")]
+    SizeMismatch {
+        what: String,
+        digest: String,
+        expected: u64,
+        actual: u64,
+    },
     #[error("no manifest for platform {wanted} (available: {available})")]
     NoPlatform { wanted: String, available: String },
     #[error("no manifest tagged {0:?} in the layout's index.json")]
@@ -327,6 +334,14 @@ impl Layout {
             .read_to_end(&mut data)
             .map_err(io_err(&path))?;
         let actual = sha256_digest(&data);
+        if actual == desc.digest && data.len() as u64 != desc.size {
+            return Err(OciError::SizeMismatch {
+                what: what.to_string(),
+                digest: desc.digest.clone(),
+                expected: desc.size,
+                actual: data.len() as u64,
+            });
+        }
         if actual != desc.digest || data.len() as u64 != desc.size {
             return Err(OciError::DigestMismatch {
                 what: format!(

@@ -72,6 +72,33 @@ refused! {
     name_over_255_bytes_is_refused => "long-name",
     layer_digest_mismatch_is_refused => "digest-mismatch",
     index_without_matching_platform_is_refused => "no-platform",
+    whiteout_of_dot_is_refused => "dot-whiteout",
+    whiteout_of_dotdot_is_refused => "dotdot-whiteout",
+    device_number_too_big_for_erofs_is_refused => "big-device",
+    layer_size_mismatch_is_refused => "size-mismatch",
+}
+
+#[test]
+fn a_size_only_mismatch_is_reported_as_a_size_mismatch() {
+    let dir = tempdir();
+    let img = dir.path().join("img");
+    let info = json_line(&py(
+        "ocigen.py",
+        &["bad", "size-mismatch", img.to_str().unwrap()],
+    ));
+    let r = kite(&[
+        "convert",
+        "--quiet",
+        "--from",
+        info["ref"].as_str().unwrap(),
+        "--to",
+        dir.path().join("out").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        stderr.contains("size mismatch") && !stderr.contains("digest mismatch"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -139,4 +166,47 @@ fn bad_chunk_sizes_are_usage_errors() {
             "{cs}"
         );
     }
+}
+
+#[test]
+fn the_staging_left_by_a_killed_conversion_is_removed_by_the_next() {
+    let dir = tempdir();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("f"), b"x").unwrap();
+    // A conversion that was killed: its process is gone.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    // One that is still running.
+    let mut live = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let stale = dir.path().join(format!(".out.kite-tmp-{dead}"));
+    let running = dir.path().join(format!(".out.kite-tmp-{}", live.id()));
+    for d in [&stale, &running] {
+        std::fs::create_dir_all(d.join("blobs/sha256")).unwrap();
+        std::fs::write(d.join("bootstrap"), b"partial").unwrap();
+    }
+    let out = dir.path().join("out");
+    kite_ok(&[
+        "convert",
+        "--quiet",
+        "--from",
+        &format!("dir:{}", src.display()),
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    let _ = live.kill();
+    let _ = live.wait();
+    assert!(
+        !stale.exists(),
+        "the dead conversion's staging is still there"
+    );
+    assert!(
+        running.exists(),
+        "a running conversion's staging was removed"
+    );
+    assert!(out.join("bootstrap").is_file());
 }
