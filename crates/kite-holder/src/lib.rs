@@ -150,6 +150,13 @@ pub mod report {
     }
 }
 
+/// Take the fd a parent passed under `var`; `who` says who sets it.
+fn env_fd(var: &str, who: &str) -> Result<OwnedFd, HolderError> {
+    fdpass::take_env_fd(var)
+        .map_err(io_err(format!("taking {var}")))?
+        .ok_or_else(|| HolderError::Refused(format!("{var} is not set: {who}")))
+}
+
 /// What a worker received from its holder.
 pub struct WorkerEnv {
     pub kernel: OwnedFd,
@@ -166,14 +173,11 @@ pub struct WorkerEnv {
 impl WorkerEnv {
     /// Take what the holder passed (the fds are owned from here on).
     pub fn take() -> Result<Self, HolderError> {
-        let fd = |var: &str| -> Result<OwnedFd, HolderError> {
-            fdpass::take_env_fd(var)
-                .map_err(io_err(format!("taking {var}")))?
-                .ok_or_else(|| {
-                    HolderError::Refused(format!(
-                        "{var} is not set: `kite daemon --worker` is started by `kite daemon`, not by hand"
-                    ))
-                })
+        let fd = |var: &str| {
+            env_fd(
+                var,
+                "`kite daemon --worker` is started by `kite daemon`, not by hand",
+            )
         };
         let var = |v: &str| std::env::var(v).unwrap_or_default();
         let path = KernelPath::parse(&var(env::KERNEL_PATH)).ok_or_else(|| {
@@ -829,15 +833,7 @@ fn spawn_vault(cfg: &Config, held: &Held) -> Result<UnixStream, HolderError> {
 /// zeros; SIGKILL does exactly that (the one unprotected case).
 pub fn run_keeper(api_socket: &Path, cache_dir: &Path) -> Result<(), HolderError> {
     use nix::sys::signal::{SigSet, Signal};
-    let fd = |var: &str| -> Result<OwnedFd, HolderError> {
-        fdpass::take_env_fd(var)
-            .map_err(io_err(format!("taking {var}")))?
-            .ok_or_else(|| {
-                HolderError::Refused(format!(
-                    "{var} is not set: the keeper is started by the holder"
-                ))
-            })
-    };
+    let fd = |var: &str| env_fd(var, "the keeper is started by the holder");
     let var = |v: &str| std::env::var(v).unwrap_or_default();
     let path = KernelPath::parse(&var(env::KERNEL_PATH))
         .ok_or_else(|| HolderError::Refused("keeper: no kernel path".into()))?;

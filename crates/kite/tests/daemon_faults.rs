@@ -66,6 +66,18 @@ fn fixture(dir: &Path, files: usize, size: usize) -> Fixture {
     }
 }
 
+/// The common start of a fault test: 8 random files of 12 MiB served
+/// slowly (25 ms a response, so faults land mid-read), a daemon, and the
+/// image mounted.
+fn slow_image_mounted(dir: &Path) -> (Fixture, Daemon, PathBuf, LazyMount) {
+    let fx = fixture(dir, 8, 12 * MIB);
+    fx.server.delay_ms.store(25, Ordering::Relaxed);
+    let d = Daemon::start(dir, &[]);
+    let mnt = dir.join("mnt");
+    let m = d.mount(&fx.conv, &mnt, &["--backend-url", &fx.server.url]);
+    (fx, d, mnt, m)
+}
+
 /// What one reader saw.
 #[derive(Debug, Default)]
 struct Seen {
@@ -336,11 +348,7 @@ fn c_a_stopped_daemon_keeps_incomplete_mounts_waiting_not_wrong() {
         return;
     }
     let dir = tempdir();
-    let fx = fixture(dir.path(), 8, 12 * MIB);
-    fx.server.delay_ms.store(25, Ordering::Relaxed);
-    let mut d = Daemon::start(dir.path(), &[]);
-    let mnt = dir.path().join("mnt");
-    let m = d.mount(&fx.conv, &mnt, &["--backend-url", &fx.server.url]);
+    let (fx, mut d, mnt, m) = slow_image_mounted(dir.path());
     let readers = start_readers(&mnt, &fx);
     std::thread::sleep(Duration::from_millis(200));
     // Stop the whole daemon (what `systemctl stop` does) mid-read.
@@ -460,11 +468,7 @@ fn d_a_killed_holder_leaves_a_vault_that_keeps_readers_safe() {
         return;
     }
     let dir = tempdir();
-    let fx = fixture(dir.path(), 8, 12 * MIB);
-    fx.server.delay_ms.store(25, Ordering::Relaxed);
-    let mut d = Daemon::start(dir.path(), &[]);
-    let mnt = dir.path().join("mnt");
-    let m = d.mount(&fx.conv, &mnt, &["--backend-url", &fx.server.url]);
+    let (fx, mut d, mnt, m) = slow_image_mounted(dir.path());
     let worker = d.worker_pid();
     assert_eq!(keepers_for(&d.socket).len(), 1, "one vault per holder");
     let readers = start_readers(&mnt, &fx);
