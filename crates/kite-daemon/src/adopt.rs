@@ -52,7 +52,7 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> DaemonError {
 pub fn save(run_dir: &Path, rec: &ImageRecord) -> Result<(), DaemonError> {
     use std::io::Write;
     let dir = records_dir(run_dir);
-    crate::private_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    kite_kernel::mount::private_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
     let path = dir.join(format!("{}.json", rec.fsid));
     let tmp = dir.join(format!(".{}.json.tmp", rec.fsid));
     let body = serde_json::to_vec(rec).map_err(|e| DaemonError::Config(e.to_string()))?;

@@ -73,7 +73,7 @@ pub enum DaemonError {
     Poisoned,
 }
 
-/// Daemon settings.
+/// Worker settings (the holder owns the kernel path and the cachefiles tag).
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
     /// The cachefiles cache directory (on a filesystem with xattrs,
@@ -81,16 +81,12 @@ pub struct DaemonConfig {
     pub cache_dir: PathBuf,
     /// Control API socket.
     pub socket: PathBuf,
-    /// cachefiles tag, distinguishing this cache from others.
-    pub tag: String,
     /// EROFS domain shared by kite's mounts, so images share blob caches.
     pub domain_id: String,
     /// Bound on one backend request's stored bytes when merging chunks.
     pub merge_bound: u64,
     /// Per-fetch timeout.
     pub fetch_timeout: Duration,
-    /// Force a kernel path instead of choosing automatically.
-    pub kernel_path: Option<kite_kernel::features::KernelPath>,
     /// Chunks fetched ahead of a sequential reader (0 = off).
     pub readahead: usize,
     /// Registry client settings for images mounted by reference.
@@ -104,11 +100,9 @@ impl Default for DaemonConfig {
         Self {
             cache_dir: PathBuf::from("/var/cache/kite/cachefiles"),
             socket: PathBuf::from("/run/kite/kite.sock"),
-            tag: "kite".into(),
             domain_id: "kite".into(),
             merge_bound: 4 << 20,
             fetch_timeout: Duration::from_secs(30),
-            kernel_path: None,
             readahead: 4,
             registry: kite_registry::ClientConfig::default(),
             pin_metadata: 256 << 20,
@@ -150,7 +144,7 @@ pub async fn run(cfg: DaemonConfig, h: Handoff) -> Result<(), DaemonError> {
             "the holder that started this worker is gone".into(),
         ));
     }
-    private_dir(&cfg.cache_dir).map_err(|e| DaemonError::Io {
+    kite_kernel::mount::private_dir(&cfg.cache_dir).map_err(|e| DaemonError::Io {
         what: format!("creating cache dir {}", cfg.cache_dir.display()),
         source: e,
     })?;
@@ -316,7 +310,8 @@ pub async fn run(cfg: DaemonConfig, h: Handoff) -> Result<(), DaemonError> {
     result
 }
 
-/// One report line to the holder (the format `kite_holder::report` reads).
+/// One report line to the holder: `READY`, or `NEEDS <fsid>...` (the
+/// lines `kite_holder::report` names).
 fn kite_holder_report(ch: &mut std::os::unix::net::UnixStream, line: &str) -> std::io::Result<()> {
     use std::io::Write;
     writeln!(ch, "{line}")
@@ -360,16 +355,6 @@ fn needing_interface(daemon: &daemon::Daemon, fanotify: bool) -> Vec<String> {
         .collect()
 }
 
-/// Create `dir` (and missing parents) readable by root only.
-pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
-
 /// Write `bytes` to `path` unless it already holds exactly them
 /// (temporary name, fsync, rename).
 pub(crate) fn write_intact(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -378,7 +363,7 @@ pub(crate) fn write_intact(path: &std::path::Path, bytes: &[u8]) -> std::io::Res
         return Ok(());
     }
     if let Some(dir) = path.parent() {
-        private_dir(dir)?;
+        kite_kernel::mount::private_dir(dir)?;
     }
     let tmp = path.with_extension(format!(
         "tmp-{}-{:?}",

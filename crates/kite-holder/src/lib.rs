@@ -41,7 +41,7 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -50,6 +50,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kite_kernel::fdpass;
 use kite_kernel::features::{Features, KernelPath};
+use kite_kernel::mount::private_dir;
 
 /// The worker's RLIMIT_NOFILE (soft and hard). It bounds the fd numbers a
 /// dead worker's pending fanotify events can have, which the deny scan
@@ -122,32 +123,14 @@ pub fn holder_socket(api_socket: &Path) -> PathBuf {
     api_socket.with_extension("holder")
 }
 
-/// Create `dir` (and missing parents) readable by root only.
-pub fn private_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
-
-/// What the worker says to its holder, one line each.
+/// What the worker says to its holder, one line each (written by
+/// `kite-daemon`, which does not link this crate: keep both in step).
 pub mod report {
-    use std::io::Write;
-    use std::os::unix::net::UnixStream;
-
     /// Adopted every image and serving requests.
     pub const READY: &str = "READY";
-    /// Stopping: the images whose mounts still need the kernel interface.
+    /// Stopping: `NEEDS <fsid> ...`, the images whose mounts still need
+    /// the kernel interface.
     pub const NEEDS: &str = "NEEDS";
-
-    pub fn ready(ch: &mut UnixStream) -> std::io::Result<()> {
-        writeln!(ch, "{READY}")
-    }
-
-    pub fn needs(ch: &mut UnixStream, fsids: &[String]) -> std::io::Result<()> {
-        writeln!(ch, "{NEEDS} {}", fsids.join(" "))
-    }
 }
 
 /// Take the fd a parent passed under `var`; `who` says who sets it.
@@ -155,6 +138,13 @@ fn env_fd(var: &str, who: &str) -> Result<OwnedFd, HolderError> {
     fdpass::take_env_fd(var)
         .map_err(io_err(format!("taking {var}")))?
         .ok_or_else(|| HolderError::Refused(format!("{var} is not set: {who}")))
+}
+
+/// A tokio listener over a copy of the holder socket.
+fn async_listener(l: &UnixListener) -> Result<tokio::net::UnixListener, HolderError> {
+    l.set_nonblocking(true).map_err(io_err("holder socket"))?;
+    tokio::net::UnixListener::from_std(l.try_clone().map_err(io_err("holder socket"))?)
+        .map_err(io_err("registering the holder socket"))
 }
 
 /// What a worker received from its holder.
@@ -623,13 +613,7 @@ async fn serve(cfg: &Config, held: &mut Held) -> Result<Outcome, HolderError> {
         sig(SignalKind::interrupt())?,
         sig(SignalKind::hangup())?,
     );
-    held.listener
-        .set_nonblocking(true)
-        .map_err(io_err("holder socket"))?;
-    let listener = tokio::net::UnixListener::from_std(
-        held.listener.try_clone().map_err(io_err("holder socket"))?,
-    )
-    .map_err(io_err("registering the holder socket"))?;
+    let listener = async_listener(&held.listener)?;
     let mut quick_crashes = 0u32;
     let mut announced = false;
     loop {
@@ -910,13 +894,7 @@ async fn keeper_async(
     cache_dir: &Path,
 ) -> Result<(), HolderError> {
     use tokio::signal::unix::{signal, SignalKind};
-    held.listener
-        .set_nonblocking(true)
-        .map_err(io_err("holder socket"))?;
-    let listener = tokio::net::UnixListener::from_std(
-        held.listener.try_clone().map_err(io_err("holder socket"))?,
-    )
-    .map_err(io_err("registering the holder socket"))?;
+    let listener = async_listener(&held.listener)?;
     let sig = |k: SignalKind| signal(k).map_err(io_err("installing a signal handler"));
     let (mut term, mut int) = (sig(SignalKind::terminate())?, sig(SignalKind::interrupt())?);
     tracing::info!(

@@ -94,6 +94,17 @@ pub fn remount_direct_io(mnt: &Path) -> Result<(), KernelError> {
     })
 }
 
+/// Create `dir` (and missing parents) readable by root only: cache,
+/// socket and mount-parent directories.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Unmount (lazily when `detach`).
 pub fn unmount(mnt: &Path, detach: bool) -> Result<(), KernelError> {
     let flags = if detach {

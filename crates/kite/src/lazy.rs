@@ -17,7 +17,6 @@ pub struct DaemonArgs {
     pub socket: PathBuf,
     pub merge_bound: u64,
     pub fetch_timeout: u64,
-    pub kernel_path: Option<String>,
     pub readahead: usize,
     pub pin_metadata: u64,
 }
@@ -36,7 +35,6 @@ pub fn parse_kernel_path(p: &str) -> Result<Option<kite_kernel::features::Kernel
 
 /// `kite daemon --worker`: serve the kernel interface the holder passed.
 pub async fn daemon(a: DaemonArgs, registry: kite_registry::ClientConfig) -> Result<()> {
-    let kernel_path = parse_kernel_path(a.kernel_path.as_deref().unwrap_or("auto"))?;
     let env = kite_holder::WorkerEnv::take()?;
     // Each attempt gets a third of a fetch's deadline, so a stalled
     // connection leaves time for a retry or the next mirror.
@@ -47,7 +45,6 @@ pub async fn daemon(a: DaemonArgs, registry: kite_registry::ClientConfig) -> Res
         socket: a.socket,
         merge_bound: a.merge_bound,
         fetch_timeout: Duration::from_secs(a.fetch_timeout),
-        kernel_path,
         readahead: a.readahead,
         registry,
         pin_metadata: a.pin_metadata,

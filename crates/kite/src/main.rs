@@ -351,7 +351,6 @@ fn run(cli: Cli) -> Result<()> {
                     socket,
                     merge_bound,
                     fetch_timeout,
-                    kernel_path: Some(kernel_path),
                     readahead,
                     pin_metadata: pin_metadata_mib << 20,
                 },

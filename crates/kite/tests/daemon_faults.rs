@@ -22,20 +22,6 @@ use util::*;
 
 const MIB: usize = 1 << 20;
 
-/// Deterministic incompressible bytes.
-fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(n + 8);
-    while out.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(n);
-    out
-}
-
 /// An image of `files` random files of `size` bytes, converted, served
 /// over HTTP by a server whose responses can be slowed down.
 struct Fixture {

@@ -513,19 +513,6 @@ fn mmap_exec_and_import_work_on_a_cold_cache() {
     m.umount();
 }
 
-/// Deterministic incompressible-ish bytes (no chunk dedups away).
-fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 #[test]
 fn a_recorded_profile_is_prefetched_on_the_next_cold_mount() {
     let test = "a_recorded_profile_is_prefetched_on_the_next_cold_mount";
