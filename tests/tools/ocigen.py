@@ -11,6 +11,9 @@ suite needs:
     ocigen.py big OUTDIR [--size-gb 2] [--compression mixed|gzip|zstd|none]
     ocigen.py pair OUT1 OUT2                         two images sharing a base layer
     ocigen.py bad KIND OUTDIR                        one bad layer, see BAD_KINDS
+    ocigen.py runnable OUTDIR [--payload-mb 64] [--cmd JSON] [--message TEXT]
+                                                     a container image: static
+                                                     busybox, payload, a message
 
 Each command prints one JSON line describing what it built (``ref`` is the
 ``oci:PATH:TAG`` reference to convert). Output is deterministic: fixed mtimes
@@ -764,6 +767,62 @@ def build_pair(out1: str, out2: str) -> dict:
 
 
 # --------------------------------------------------------------------------
+# Runnable images (containerd tests): a static busybox, so a container can
+# run a command, and a payload the command does not read
+# --------------------------------------------------------------------------
+
+BUSYBOX_APPLETS = ("sh", "cat", "sleep", "ls", "head", "wc", "true", "sha256sum")
+
+
+def busybox_path() -> str:
+    for p in ("/bin/busybox", "/usr/bin/busybox"):
+        if os.path.exists(p):
+            return p
+    raise SystemExit("ocigen: runnable images need a static busybox (apt-get install busybox-static)")
+
+
+def runnable_layers(payload_mb: int, message: str) -> list[Layer]:
+    base = Layer("gzip")
+    for d in ("", "bin", "etc", "proc", "sys", "dev", "tmp", "run", "app"):
+        base.dir(d, mode=0o1777 if d == "tmp" else 0o755)
+    with open(busybox_path(), "rb") as f:
+        base.file("bin/busybox", f.read(), mode=0o755)
+    for a in BUSYBOX_APPLETS:
+        base.symlink(f"bin/{a}", "busybox")
+    base.file("etc/passwd", b"root:x:0:0:root:/:/bin/sh\n")
+    base.file("etc/group", b"root:x:0:\n")
+    # What a runtime bind-mounts over; present, so runc creates nothing.
+    for f in ("etc/hosts", "etc/hostname", "etc/resolv.conf"):
+        base.file(f, b"")
+    layers = [base]
+    if payload_mb > 0:
+        data = Layer("zstd")
+        data.dir("app")
+        data.dir("app/data")
+        per = 16 * MiB
+        left, i = payload_mb * MiB, 0
+        while left > 0:
+            n = min(per, left)
+            data.file(f"app/data/part-{i:02d}.bin", Stream.of("random", n, 500 + i))
+            left -= n
+            i += 1
+        layers.append(data)
+    app = Layer("gzip")
+    app.dir("app")
+    app.file("app/message.txt", message.encode() + b"\n")
+    layers.append(app)
+    return layers
+
+
+def build_runnable(out: str, payload_mb: int, cmd: list, message: str) -> dict:
+    lay = Layout(out)
+    m = lay.add_image(runnable_layers(payload_mb, message), "linux/amd64",
+                      config={"Env": ["PATH=/bin"], "Cmd": cmd, "WorkingDir": "/app"})
+    lay.finish([(m, "latest")])
+    return {"ref": f"oci:{out}:latest", "layers": lay.layer_info}
+
+
+# --------------------------------------------------------------------------
 # The benchmark image
 # --------------------------------------------------------------------------
 
@@ -981,6 +1040,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("pair", help="two images sharing their base layer")
     p.add_argument("out")
     p.add_argument("out2")
+    p = sub.add_parser("runnable", help="container image with a static busybox")
+    p.add_argument("out")
+    p.add_argument("--payload-mb", type=int, default=64)
+    p.add_argument("--cmd", dest="command", default='["/bin/cat", "/app/message.txt"]', help="config Cmd as JSON")
+    p.add_argument("--message", default="hello from a kite image")
     p = sub.add_parser("bad", help="image with one bad layer")
     p.add_argument("kind", choices=BAD_KINDS)
     p.add_argument("out")
@@ -996,6 +1060,8 @@ def main(argv=None) -> int:
         res = build_example(a.out)
     elif a.cmd == "pair":
         res = build_pair(a.out, a.out2)
+    elif a.cmd == "runnable":
+        res = build_runnable(a.out, a.payload_mb, json.loads(a.command), a.message)
     elif a.cmd == "big":
         res = build_big(a.out, a.size_gb, a.compression)
     else:

@@ -118,6 +118,9 @@ pub struct RemoteImage {
     /// `sha256:...` of the manifest.
     pub manifest_digest: String,
     pub manifest: kite_oci::Manifest,
+    /// The image config the manifest names, verified against its
+    /// descriptor: the kite image carries it (Env, Cmd, User...).
+    pub config: Vec<u8>,
     pub opener: std::sync::Arc<dyn LayerOpener>,
 }
 
@@ -270,6 +273,17 @@ fn run(
     let mut files = 0u64;
     let mut source_manifest = None;
     let mut source_ref = None;
+    let mut source_config: Option<Vec<u8>> = None;
+    // The source's image config, which the kite image carries over.
+    let check_config = |d: &kite_oci::Descriptor| -> Result<(), ConvertError> {
+        match d.media_type.as_str() {
+            kite_oci::media::OCI_CONFIG | kite_oci::media::DOCKER_CONFIG => Ok(()),
+            other => Err(ConvertError::Oci(kite_oci::OciError::MediaType {
+                what: format!("source image config {}", d.digest),
+                media_type: other.to_string(),
+            })),
+        }
+    };
 
     // Each layer: (label, how to read it).
     enum Input {
@@ -306,6 +320,9 @@ fn run(
             let resolved = layout.resolve(tag.as_deref(), &opts.platform)?;
             source_manifest = Some(resolved.digest.clone());
             source_ref = tag.clone();
+            check_config(&resolved.manifest.config)?;
+            source_config =
+                Some(layout.read_verified(&resolved.manifest.config, "source image config")?);
             let mut v = Vec::new();
             for d in &resolved.manifest.layers {
                 v.push(tar_layer(d, Input::File(layout.blob_path(&d.digest)?))?);
@@ -316,6 +333,8 @@ fn run(
         Source::Remote(r) => {
             source_manifest = Some(r.manifest_digest.clone());
             source_ref = Some(r.reference.clone());
+            check_config(&r.manifest.config)?;
+            source_config = Some(r.config.clone());
             let mut v = Vec::new();
             for d in &r.manifest.layers {
                 let input = Input::Remote(std::sync::Arc::clone(&r.opener), Box::new(d.clone()));
@@ -409,6 +428,7 @@ fn run(
         opts,
         source_manifest.as_deref(),
         source_ref.as_deref(),
+        source_config.as_deref(),
     )?;
     Ok(ConvertReport {
         out_dir: staging.final_path().to_path_buf(),

@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use kite_erofs::{Device, ImageOptions, Tree};
 use kite_format::{encode_index, BlobEntry, Digest};
 use kite_oci::{media, Descriptor, Manifest};
-use serde::Serialize;
 
 use crate::{ConvertError, ConvertOptions};
 
@@ -133,18 +132,6 @@ pub(crate) struct Built {
     pub manifest_digest: String,
 }
 
-#[derive(Serialize)]
-struct KiteConfig<'a> {
-    #[serde(rename = "kiteFormat")]
-    kite_format: u32,
-    #[serde(rename = "chunkSize")]
-    chunk_size: u32,
-    #[serde(rename = "sourceManifest", skip_serializing_if = "Option::is_none")]
-    source_manifest: Option<&'a str>,
-    bootstrap: String,
-    blobs: Vec<String>,
-}
-
 pub(crate) fn write(
     staging: &Staging,
     tree: Tree,
@@ -152,6 +139,7 @@ pub(crate) fn write(
     opts: &ConvertOptions,
     source_manifest: Option<&str>,
     source_ref: Option<&str>,
+    source_config: Option<&[u8]>,
 ) -> Result<Built, ConvertError> {
     let blob_dir = staging.blob_dir();
     // Data blobs: rename temp files to their digest.
@@ -165,7 +153,7 @@ pub(crate) fn write(
             annotations.insert(kite_oci::ANNOTATION_SOURCE_LAYER.to_string(), s.clone());
         }
         layer_descs.push(Descriptor {
-            media_type: media::KITE_BLOB.into(),
+            media_type: media::KITE_LAYER_BLOB.into(),
             digest: entry.record.digest.oci(),
             size: entry.record.compressed_size,
             platform: None,
@@ -207,19 +195,8 @@ pub(crate) fn write(
     let boot_frame_digest = Digest::of(&boot_frame);
     write_synced(&blob_dir.join(boot_frame_digest.hex()), &boot_frame)?;
 
-    let config = KiteConfig {
-        kite_format: kite_format::index::INDEX_VERSION,
-        chunk_size: opts.chunk_size.bytes(),
-        source_manifest,
-        bootstrap: boot_digest.oci(),
-        blobs: entries.iter().map(|e| e.record.digest.oci()).collect(),
-    };
-    let config_bytes =
-        serde_json::to_vec(&config).map_err(|_| ConvertError::Internal("config JSON"))?;
-    let config_digest = kite_oci::write_blob(&staging.tmp, &config_bytes)?;
-
     let mut layers = vec![Descriptor {
-        media_type: media::KITE_BOOTSTRAP_ZSTD.into(),
+        media_type: media::KITE_LAYER_BOOTSTRAP_ZSTD.into(),
         digest: boot_frame_digest.oci(),
         size: boot_frame.len() as u64,
         platform: None,
@@ -246,14 +223,22 @@ pub(crate) fn write(
     if let Some(r) = source_ref {
         annotations.insert(kite_oci::ANNOTATION_SOURCE_REF.to_string(), r.to_string());
     }
-    let manifest = Manifest {
+    annotations.insert(
+        kite_oci::ANNOTATION_KITE_FORMAT.to_string(),
+        kite_format::index::INDEX_VERSION.to_string(),
+    );
+    annotations.insert(
+        kite_oci::ANNOTATION_CHUNK_SIZE.to_string(),
+        opts.chunk_size.bytes().to_string(),
+    );
+    let mut manifest = Manifest {
         schema_version: 2,
         media_type: Some(media::OCI_MANIFEST.into()),
         artifact_type: Some(media::KITE_ARTIFACT.into()),
         config: Descriptor {
-            media_type: media::KITE_CONFIG.into(),
-            digest: config_digest,
-            size: config_bytes.len() as u64,
+            media_type: media::OCI_CONFIG.into(),
+            digest: String::new(),
+            size: 0,
             platform: None,
             annotations: BTreeMap::new(),
             artifact_type: None,
@@ -261,6 +246,13 @@ pub(crate) fn write(
         layers,
         annotations,
     };
+    set_config(
+        &staging.tmp,
+        &mut manifest,
+        &boot_digest.oci(),
+        source_config,
+        &opts.platform,
+    )?;
     let manifest_bytes = serde_json::to_vec_pretty(&manifest)
         .map_err(|_| ConvertError::Internal("manifest JSON"))?;
     let manifest_digest = kite_oci::write_blob(&staging.tmp, &manifest_bytes)?;
@@ -285,6 +277,24 @@ pub(crate) fn write(
         bootstrap_size: bootstrap.len() as u64,
         manifest_digest,
     })
+}
+
+/// Label the kite layers of `manifest` for containerd and write its OCI
+/// config (the source's, with a diff_id per layer) into the layout at
+/// `root`, pointing the manifest at it. Run whenever the layers change.
+pub(crate) fn set_config(
+    root: &Path,
+    manifest: &mut Manifest,
+    bootstrap: &str,
+    source_config: Option<&[u8]>,
+    platform: &kite_oci::Platform,
+) -> Result<(), ConvertError> {
+    kite_oci::label_kite_layers(manifest, bootstrap);
+    let config = kite_oci::kite_image_config(source_config, manifest, platform)?;
+    manifest.config.media_type = media::OCI_CONFIG.into();
+    manifest.config.digest = kite_oci::write_blob(root, &config)?;
+    manifest.config.size = config.len() as u64;
+    Ok(())
 }
 
 fn write_synced(path: &Path, data: &[u8]) -> Result<(), ConvertError> {

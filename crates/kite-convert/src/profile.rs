@@ -2,9 +2,12 @@
 //!
 //! The profile (`kite_format::prefetch`) is written as a blob, linked as
 //! `prefetch` beside `bootstrap`, and listed in a new kite manifest as one
-//! more layer (media type `KITE_PREFETCH`), replacing any earlier profile;
-//! `kite push` then publishes it with the image. The blobs and bootstrap
-//! are untouched, so the bootstrap digest (the fsid) stays the same.
+//! more layer (media type `KITE_LAYER_PREFETCH`), replacing any earlier
+//! profile; `kite push` then publishes it with the image. The blobs and
+//! bootstrap are untouched, so the bootstrap digest (the fsid) stays the
+//! same; the config gets one more diff_id and the layers' containerd
+//! labels their new count. A directory of the first form (kite config)
+//! gets a first-form profile layer and keeps its config.
 
 use std::fs;
 use std::path::Path;
@@ -54,7 +57,8 @@ pub fn attach_profile(dir: &Path, profile: &Profile) -> Result<Attached, Convert
         let layer = kite_oci::BootstrapLayer::of(l).map_err(ConvertError::Profile)?;
         has_bootstrap |= layer.is_some_and(|b| b.digest == boot_digest.oci());
     }
-    if manifest.config.media_type != media::KITE_CONFIG || !has_bootstrap {
+    let first_form = manifest.config.media_type == media::KITE_CONFIG;
+    if !(first_form || manifest.config.media_type == media::OCI_CONFIG) || !has_bootstrap {
         return Err(ConvertError::Profile(format!(
             "manifest {} is not the kite manifest of bootstrap {}",
             desc.digest,
@@ -62,6 +66,7 @@ pub fn attach_profile(dir: &Path, profile: &Profile) -> Result<Attached, Convert
         )));
     }
 
+    let mut unused_config = None;
     let data = profile.encode();
     let digest = kite_oci::write_blob(dir, &data)?;
     // The `prefetch` file: a copy renamed into place (a hard link to the
@@ -74,20 +79,39 @@ pub fn attach_profile(dir: &Path, profile: &Profile) -> Result<Attached, Convert
     let replaced: Vec<String> = manifest
         .layers
         .iter()
-        .filter(|l| l.media_type == media::KITE_PREFETCH && l.digest != digest)
+        .filter(|l| media::is_kite_prefetch(&l.media_type) && l.digest != digest)
         .map(|l| l.digest.clone())
         .collect();
     manifest
         .layers
-        .retain(|l| l.media_type != media::KITE_PREFETCH);
+        .retain(|l| !media::is_kite_prefetch(&l.media_type));
     manifest.layers.push(Descriptor {
-        media_type: media::KITE_PREFETCH.into(),
+        media_type: if first_form {
+            media::KITE_PREFETCH
+        } else {
+            media::KITE_LAYER_PREFETCH
+        }
+        .into(),
         digest,
         size: data.len() as u64,
         platform: None,
         annotations: Default::default(),
         artifact_type: None,
     });
+    let old_config = manifest.config.clone();
+    if !first_form {
+        let current = layout.read_verified(&old_config, "kite image config")?;
+        crate::output::set_config(
+            dir,
+            &mut manifest,
+            &boot_digest.oci(),
+            Some(&current),
+            &kite_oci::Platform::parse("linux/amd64")?,
+        )?;
+        if manifest.config.digest != old_config.digest {
+            unused_config = Some(old_config.digest);
+        }
+    }
     let manifest_bytes = serde_json::to_vec_pretty(&manifest)
         .map_err(|_| ConvertError::Internal("manifest JSON"))?;
     let manifest_digest = kite_oci::write_blob(dir, &manifest_bytes)?;
@@ -97,6 +121,7 @@ pub fn attach_profile(dir: &Path, profile: &Profile) -> Result<Attached, Convert
     kite_oci::write_layout_index(dir, new_desc)?;
     // The old manifest and a replaced profile are no longer referenced.
     let mut unused = replaced;
+    unused.extend(unused_config);
     if desc.digest != manifest_digest {
         unused.push(desc.digest.clone());
     }
@@ -143,7 +168,7 @@ mod tests {
     fn profile_layers(m: &Manifest) -> Vec<&Descriptor> {
         m.layers
             .iter()
-            .filter(|l| l.media_type == media::KITE_PREFETCH)
+            .filter(|l| media::is_kite_prefetch(&l.media_type))
             .collect()
     }
 
@@ -177,6 +202,31 @@ mod tests {
         assert_eq!(Profile::decode(&stored).unwrap(), p);
         assert_eq!(fs::read(dir.join(PREFETCH_NAME)).unwrap(), stored);
         assert_eq!(fs::read(dir.join(BOOTSTRAP_NAME)).unwrap(), boot);
+        // containerd's view follows: a diff_id per layer, the new layer
+        // labelled, every layer's count updated; the old config is gone.
+        assert_eq!(pf[0].media_type, media::KITE_LAYER_PREFETCH);
+        let layout = Layout::open(&dir).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_slice(&layout.read_verified(&m.config, "config").unwrap()).unwrap();
+        let diff_ids: Vec<&str> = config["rootfs"]["diff_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_str().unwrap())
+            .collect();
+        let digests: Vec<&str> = m.layers.iter().map(|l| l.digest.as_str()).collect();
+        assert_eq!(diff_ids, digests);
+        for l in &m.layers {
+            assert_eq!(
+                l.annotations[kite_oci::snapshot_labels::LAYERS],
+                m.layers.len().to_string()
+            );
+        }
+        assert_eq!(
+            pf[0].annotations[kite_oci::snapshot_labels::LAYER],
+            "prefetch"
+        );
+        assert!(!layout.blob_path(&old.config.digest).unwrap().exists());
         assert!(
             !Layout::open(&dir)
                 .unwrap()

@@ -490,17 +490,21 @@ async fn fetch_registry_image(
         why,
     };
     let m = &resolved.manifest;
-    if m.config.media_type != media::KITE_CONFIG {
-        return Err(bad(format!(
-            "not a kite image (config media type {:?}); convert it with `kite convert --from docker://...` and publish it with `kite push`",
-            m.config.media_type
-        )));
-    }
     let mut boots = Vec::new();
     for d in &m.layers {
         if let Some(b) = kite_oci::BootstrapLayer::of(d).map_err(bad)? {
             boots.push((d, b));
         }
+    }
+    // Both forms: the first (kite config) and the containerd form (the
+    // source's OCI config, kite layers under the OCI layer prefix).
+    let kite_form = m.config.media_type == media::KITE_CONFIG
+        || (m.config.media_type == media::OCI_CONFIG && !boots.is_empty());
+    if !kite_form {
+        return Err(bad(format!(
+            "not a kite image (config media type {:?}, no kite bootstrap layer); convert it with `kite convert --from docker://...` and publish it with `kite push`",
+            m.config.media_type
+        )));
     }
     let [(boot, inner)] = boots.as_slice() else {
         return Err(bad(format!(
@@ -565,7 +569,7 @@ async fn fetch_registry_image(
     let profiles: Vec<_> = m
         .layers
         .iter()
-        .filter(|d| d.media_type == media::KITE_PREFETCH)
+        .filter(|d| media::is_kite_prefetch(&d.media_type))
         .collect();
     let profile = match profiles.as_slice() {
         _ if r.no_prefetch => None,

@@ -13,6 +13,8 @@
 //! - [`fanotify`]: the fanotify path: sparse blob files, pre-content
 //!   events, unmarking complete blobs.
 //! - [`api`]: the control API on a unix socket, and its client.
+//! - [`mounting`]: the client side of a mount (`kite mount`, the
+//!   snapshotter): mount a registered image, set its readahead.
 //! - [`state`]: fetch state persisted across restarts.
 //! - [`adopt`]: registrations persisted for the next worker, and adopting
 //!   them at start.
@@ -36,6 +38,7 @@ pub mod blob;
 pub mod daemon;
 pub mod dispatch;
 pub mod fanotify;
+pub mod mounting;
 pub mod registry;
 pub mod serve;
 pub mod state;

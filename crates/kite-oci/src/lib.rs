@@ -36,18 +36,126 @@ pub mod media {
         "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
     pub const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
 
-    /// kite's own media types.
+    /// kite's own media types. A kite manifest's `artifactType`.
     pub const KITE_ARTIFACT: &str = "application/vnd.kite.image.v1";
-    pub const KITE_CONFIG: &str = "application/vnd.kite.image.config.v1+json";
-    /// The bootstrap as is (images converted before bootstraps were
-    /// compressed; still mounted).
-    pub const KITE_BOOTSTRAP: &str = "application/vnd.kite.bootstrap.v1.erofs";
+
+    // What `kite convert` writes: layer types under the OCI layer prefix
+    // (containerd hands only those to a snapshotter, with their
+    // annotations as labels), but not `...layer.v1.tar*`, so a runtime
+    // without kite refuses them ("no processor") instead of untarring
+    // kite bytes. The config is the source image's OCI config.
     /// The bootstrap as one zstd frame; the descriptor's annotations name
     /// the uncompressed digest and size ([`super::BootstrapLayer`]).
-    pub const KITE_BOOTSTRAP_ZSTD: &str = "application/vnd.kite.bootstrap.v1.erofs+zstd";
-    pub const KITE_BLOB: &str = "application/vnd.kite.blob.v1.chunked-zstd";
+    pub const KITE_LAYER_BOOTSTRAP_ZSTD: &str =
+        "application/vnd.oci.image.layer.kite.bootstrap.v1.erofs+zstd";
+    /// A chunked data blob.
+    pub const KITE_LAYER_BLOB: &str = "application/vnd.oci.image.layer.kite.blob.v1.chunked-zstd";
     /// A prefetch profile (`kite_format::prefetch`); at most one per image.
+    pub const KITE_LAYER_PREFETCH: &str = "application/vnd.oci.image.layer.kite.prefetch.v1";
+
+    // Images published before the containerd form: a kite config and kite
+    // media types outside the OCI layer prefix. Still mounted by the
+    // daemon; containerd cannot pull them (republish with `kite push`
+    // after converting again).
+    /// Config of the first form (kite's own JSON, no runtime config).
+    pub const KITE_CONFIG: &str = "application/vnd.kite.image.config.v1+json";
+    /// The bootstrap as is (images converted before bootstraps were
+    /// compressed).
+    pub const KITE_BOOTSTRAP: &str = "application/vnd.kite.bootstrap.v1.erofs";
+    /// The bootstrap as one zstd frame, first form.
+    pub const KITE_BOOTSTRAP_ZSTD: &str = "application/vnd.kite.bootstrap.v1.erofs+zstd";
+    /// A data blob, first form.
+    pub const KITE_BLOB: &str = "application/vnd.kite.blob.v1.chunked-zstd";
+    /// A prefetch profile, first form.
     pub const KITE_PREFETCH: &str = "application/vnd.kite.prefetch.v1";
+
+    /// Whether `media_type` is a prefetch profile layer (either form).
+    pub fn is_kite_prefetch(media_type: &str) -> bool {
+        media_type == KITE_LAYER_PREFETCH || media_type == KITE_PREFETCH
+    }
+}
+
+/// Layer annotations of the containerd form: every kite layer carries
+/// them, and containerd passes every `containerd.io/snapshot/` annotation
+/// of a layer to the snapshotter as a label of that layer's snapshot.
+pub mod snapshot_labels {
+    /// `bootstrap`, `blob` or `prefetch`: this is a kite layer.
+    pub const LAYER: &str = "containerd.io/snapshot/kite.layer";
+    /// `sha256:<hex>` of the image's (uncompressed) bootstrap: its fsid.
+    pub const IMAGE: &str = "containerd.io/snapshot/kite.image";
+    /// How many kite layers the manifest has: the last is the image's top.
+    pub const LAYERS: &str = "containerd.io/snapshot/kite.layers";
+}
+
+/// Label the kite layers of `manifest` for containerd
+/// ([`snapshot_labels`]): kind, image (`bootstrap`: the uncompressed
+/// bootstrap digest) and layer count. Run again whenever layers change.
+pub fn label_kite_layers(manifest: &mut Manifest, bootstrap: &str) {
+    let n = manifest.layers.len().to_string();
+    for l in &mut manifest.layers {
+        let kind = match l.media_type.as_str() {
+            media::KITE_LAYER_BOOTSTRAP_ZSTD => "bootstrap",
+            media::KITE_LAYER_BLOB => "blob",
+            media::KITE_LAYER_PREFETCH => "prefetch",
+            _ => continue,
+        };
+        l.annotations
+            .insert(snapshot_labels::LAYER.into(), kind.into());
+        l.annotations
+            .insert(snapshot_labels::IMAGE.into(), bootstrap.into());
+        l.annotations
+            .insert(snapshot_labels::LAYERS.into(), n.clone());
+    }
+}
+
+/// The OCI image config of a kite image: the source image's config
+/// (`source`: its JSON; `None` gives an empty one for `platform`) with
+/// `rootfs.diff_ids` naming each layer of `manifest` by its descriptor's
+/// digest, since containerd needs one diff_id per layer and checks them
+/// only for layers it unpacks itself, never kite's, and without the
+/// source's `history` (it describes the source's layers).
+pub fn kite_image_config(
+    source: Option<&[u8]>,
+    manifest: &Manifest,
+    platform: &Platform,
+) -> Result<Vec<u8>, OciError> {
+    let mut cfg = match source {
+        Some(bytes) => {
+            let v: serde_json::Value =
+                serde_json::from_slice(bytes).map_err(|source| OciError::Json {
+                    what: "the source image config".into(),
+                    source,
+                })?;
+            match v {
+                serde_json::Value::Object(m) => m,
+                _ => {
+                    return Err(OciError::Invalid(
+                        "the source image config is not a JSON object".into(),
+                    ))
+                }
+            }
+        }
+        None => {
+            let mut m = serde_json::Map::new();
+            m.insert("architecture".into(), platform.architecture.clone().into());
+            m.insert("os".into(), platform.os.clone().into());
+            if let Some(v) = &platform.variant {
+                m.insert("variant".into(), v.clone().into());
+            }
+            m.insert("config".into(), serde_json::json!({}));
+            m
+        }
+    };
+    cfg.remove("history");
+    let diff_ids: Vec<&str> = manifest.layers.iter().map(|l| l.digest.as_str()).collect();
+    cfg.insert(
+        "rootfs".into(),
+        serde_json::json!({ "type": "layers", "diff_ids": diff_ids }),
+    );
+    serde_json::to_vec(&cfg).map_err(|source| OciError::Json {
+        what: "the kite image config".into(),
+        source,
+    })
 }
 
 /// Annotation on a kite manifest naming the source image's manifest digest.
@@ -56,6 +164,10 @@ pub const ANNOTATION_SOURCE_DIGEST: &str = "dev.kite.source.manifest.digest";
 pub const ANNOTATION_SOURCE_REF: &str = "dev.kite.source.reference";
 /// Annotation on a blob descriptor naming the layer it came from.
 pub const ANNOTATION_SOURCE_LAYER: &str = "dev.kite.source.layer.digest";
+/// Annotation on a kite manifest: the bootstrap index version.
+pub const ANNOTATION_KITE_FORMAT: &str = "dev.kite.format";
+/// Annotation on a kite manifest: the chunk size in bytes.
+pub const ANNOTATION_CHUNK_SIZE: &str = "dev.kite.chunk-size";
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// Annotation on a compressed bootstrap layer: sha256 of the bootstrap
 /// itself (the image's fsid).
@@ -86,7 +198,9 @@ impl BootstrapLayer {
                 compressed: false,
             }));
         }
-        if desc.media_type != media::KITE_BOOTSTRAP_ZSTD {
+        if desc.media_type != media::KITE_LAYER_BOOTSTRAP_ZSTD
+            && desc.media_type != media::KITE_BOOTSTRAP_ZSTD
+        {
             return Ok(None);
         }
         let digest = desc

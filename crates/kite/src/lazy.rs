@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use kite_daemon::api::{BackendSpec, Client, ImageRef, RegisterRequest};
+use kite_daemon::mounting::{fsid_in_use, mounted_fsid};
 use kite_daemon::DaemonConfig;
 use kite_kernel::features::Features;
 
@@ -168,52 +169,15 @@ pub async fn mount(
         .register(&req)
         .await
         .context("registering the image with the daemon")?;
-    // Which EROFS bdi is this mount's: the one that appears across
-    // mount(2). Other kite mounts are kept out of that window by a lock.
-    let serial = kite_kernel::mount::lock_mounts();
-    let bdis = kite_kernel::mount::erofs_bdis();
-    let mounted = match &reg.bootstrap_path {
-        Some(boot) => {
-            let devs: Vec<&Path> = reg.devices.iter().map(PathBuf::as_path).collect();
-            kite_kernel::mount::mount_file_backed(boot, &devs, mountpoint)
-        }
-        None => kite_kernel::mount::mount_fscache(&reg.fsid, Some(&reg.domain_id), mountpoint),
-    };
-    if let Err(e) = mounted {
-        // Do not leave an image registered that nothing mounts.
-        if !fsid_in_use(&reg.fsid) {
-            let _ = client.unregister(&reg.fsid).await;
-        }
-        return Err(e.into());
+    let done =
+        kite_daemon::mounting::mount_registered(&client, &reg, mountpoint, read_ahead_kb).await?;
+    for w in &done.warnings {
+        eprintln!("warning: {w}");
     }
-    // EROFS mounts start with the kernel's 128 KiB readahead; set it to
-    // the image's chunk size (or --read-ahead-kb; 0 leaves it). Not fatal
-    // if it cannot be set.
-    let ra = read_ahead_kb.unwrap_or(reg.read_ahead_kb);
-    let ra_note = if ra == 0 {
-        String::new()
-    } else {
-        match kite_kernel::mount::set_new_erofs_read_ahead(&bdis, ra) {
-            Ok(bdi) => format!(", readahead {ra} KiB ({bdi})"),
-            Err(e) => {
-                eprintln!("warning: {e}; the mount keeps the kernel's readahead");
-                String::new()
-            }
-        }
+    let ra_note = match &done.read_ahead {
+        Some((ra, bdi)) => format!(", readahead {ra} KiB ({bdi})"),
+        None => String::new(),
     };
-    drop(serial);
-    if reg.bootstrap_path.is_some() {
-        // File-backed: the daemon switches the mount to direct I/O once
-        // the image is complete on disk.
-        let notice = kite_daemon::api::MountNotice {
-            mountpoint: mountpoint
-                .canonicalize()
-                .unwrap_or_else(|_| mountpoint.to_path_buf()),
-        };
-        if let Err(e) = client.mounted(&reg.fsid, &notice).await {
-            eprintln!("warning: telling the daemon about the mount: {e}");
-        }
-    }
     let label = reg.pinned.clone().unwrap_or(label);
     println!(
         "mounted {} (fsid {}, {} path{ra_note}) on {}{}",
@@ -278,21 +242,6 @@ pub async fn save_profile(mountpoint: &Path, image_dir: &Path, socket: &Path) ->
         attached.manifest
     );
     Ok(())
-}
-
-/// The fsid of the kite mount at `mountpoint`.
-fn mounted_fsid(mountpoint: &Path) -> Option<String> {
-    let want = mountpoint.canonicalize().ok()?;
-    kite_kernel::mount::erofs_mounts()
-        .into_iter()
-        .find(|m| m.mountpoint == want)
-        .map(|m| m.fsid)
-}
-
-fn fsid_in_use(fsid: &str) -> bool {
-    kite_kernel::mount::erofs_mounts()
-        .iter()
-        .any(|m| m.fsid == fsid)
 }
 
 /// `kite umount MOUNTPOINT`: unmount, and forget the image when no other

@@ -207,6 +207,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Serve containerd as a remote snapshotter (root): kite images start
+    /// lazily, one EROFS mount per image; other images as overlayfs.
+    Snapshotter {
+        /// State directory: snapshot metadata, directories, image mounts.
+        #[arg(long, default_value = kite_snapshotter::DEFAULT_ROOT)]
+        root: PathBuf,
+        /// The gRPC socket (containerd's `proxy_plugins.kite.address`).
+        #[arg(long, default_value = kite_snapshotter::DEFAULT_ADDRESS)]
+        address: PathBuf,
+        /// The kite daemon's control socket.
+        #[arg(long, env = "KITE_SOCKET", default_value = lazy::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Write a blob's uncompressed layout (usable as an EROFS `device=`).
     Unpack {
         #[arg(long)]
@@ -397,6 +410,19 @@ fn run(cli: Cli) -> Result<()> {
             let pinned =
                 runtime()?.block_on(registry::push(&dir, &reference, &mount_from, &registry))?;
             println!("{pinned}");
+        }
+        Cmd::Snapshotter {
+            root,
+            address,
+            socket,
+        } => {
+            init_logging();
+            lazy::check_kernel()?;
+            runtime()?.block_on(kite_snapshotter::serve(kite_snapshotter::Config {
+                root,
+                address,
+                daemon_socket: socket,
+            }))?
         }
         Cmd::Umount { mountpoint, socket } => {
             runtime()?.block_on(lazy::umount(&mountpoint, &socket))?

@@ -183,10 +183,17 @@ pub async fn remote_source(
             resolved.manifest.layers.len()
         );
     }
+    // Verified against its descriptor by the client.
+    let config = repo
+        .fetch_blob(&resolved.manifest.config, 16 << 20)
+        .await
+        .with_context(|| format!("fetching image config {}", resolved.manifest.config.digest))?
+        .to_vec();
     Ok(Source::Remote(Box::new(RemoteImage {
         reference: reference.to_string(),
         manifest_digest: resolved.digest,
         manifest: resolved.manifest,
+        config,
         opener: Arc::new(RegistryLayers {
             rt: rt.clone(),
             repo,

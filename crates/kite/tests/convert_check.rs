@@ -158,10 +158,62 @@ fn oci_output_names_bootstrap_and_blobs() {
     // the bootstrap's own digest and size.
     assert_eq!(
         layers[0]["mediaType"],
-        "application/vnd.kite.bootstrap.v1.erofs+zstd"
+        "application/vnd.oci.image.layer.kite.bootstrap.v1.erofs+zstd"
     );
     let boot = std::fs::read(conv.join("bootstrap")).unwrap();
     use sha2::Digest;
+    let boot_digest = format!("sha256:{}", hex(&sha2::Sha256::digest(&boot)));
+    // containerd's form: every layer is labelled for the snapshotter, and
+    // the config is the source's with one diff_id per layer.
+    for (i, l) in layers.iter().enumerate() {
+        let ann = &l["annotations"];
+        let kind = if i == 0 { "bootstrap" } else { "blob" };
+        assert_eq!(ann["containerd.io/snapshot/kite.layer"], kind, "layer {i}");
+        assert_eq!(
+            ann["containerd.io/snapshot/kite.image"],
+            boot_digest.as_str()
+        );
+        assert_eq!(
+            ann["containerd.io/snapshot/kite.layers"],
+            layers.len().to_string()
+        );
+        if i > 0 {
+            assert_eq!(
+                l["mediaType"],
+                "application/vnd.oci.image.layer.kite.blob.v1.chunked-zstd"
+            );
+        }
+    }
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.oci.image.config.v1+json"
+    );
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            conv.join("blobs/sha256").join(
+                manifest["config"]["digest"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("sha256:"),
+            ),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let diff_ids: Vec<&serde_json::Value> = layers.iter().map(|l| &l["digest"]).collect();
+    assert_eq!(
+        config["rootfs"]["diff_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .collect::<Vec<_>>(),
+        diff_ids
+    );
+    assert_eq!(config["rootfs"]["type"], "layers");
+    // The example's runtime config is carried over.
+    assert_eq!(config["config"]["Cmd"][0], "/opt/app/bin/hello.sh");
+    assert_eq!(config["config"]["WorkingDir"], "/opt/app");
+    assert!(config.get("history").is_none());
     let ann = &layers[0]["annotations"];
     assert_eq!(
         ann["dev.kite.bootstrap.digest"].as_str().unwrap(),

@@ -803,12 +803,25 @@ fn compressed_bootstraps_are_checked_against_the_manifest_and_plain_ones_still_m
         assert_eq!(daemon.status()["images"].as_array().unwrap().len(), 0);
     }
 
-    // An image published before bootstraps were compressed: the layer is
-    // the bootstrap itself. It mounts and reads the same.
+    // An image published in the first form, before bootstraps were
+    // compressed and before the containerd form: a kite config, kite
+    // media types, the layer is the bootstrap itself. It mounts and reads
+    // the same.
     let old = d.join("old");
     copy_dir(&conv, &old);
     let plain = add_blob(&old, &boot);
+    let old_config = br#"{"kiteFormat":1,"chunkSize":1048576}"#;
+    let old_config_digest = add_blob(&old, old_config);
     edit_manifest(&old, |m| {
+        m["config"] = serde_json::json!({
+            "mediaType": "application/vnd.kite.image.config.v1+json",
+            "digest": old_config_digest,
+            "size": old_config.len(),
+        });
+        for l in m["layers"].as_array_mut().unwrap() {
+            l["mediaType"] = "application/vnd.kite.blob.v1.chunked-zstd".into();
+            l.as_object_mut().unwrap().remove("annotations");
+        }
         m["layers"][0] = serde_json::json!({
             "mediaType": "application/vnd.kite.bootstrap.v1.erofs",
             "digest": plain,
