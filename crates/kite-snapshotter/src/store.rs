@@ -85,7 +85,18 @@ pub struct Tx<'t> {
     meta: redb::Table<'t, &'static str, u64>,
 }
 
-impl Tx<'_> {
+impl<'t> Tx<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Self, Error> {
+        Ok(Tx {
+            snaps: txn
+                .open_table(SNAPSHOTS)
+                .map_err(|e| internal("open table")(e.into()))?,
+            meta: txn
+                .open_table(META)
+                .map_err(|e| internal("open table")(e.into()))?,
+        })
+    }
+
     pub fn get(&self, name: &str) -> Result<Option<Record>, Error> {
         let v = self
             .snaps
@@ -180,16 +191,7 @@ impl Store {
             .db
             .begin_write()
             .map_err(|e| internal("begin")(e.into()))?;
-        let out = {
-            let snaps = txn
-                .open_table(SNAPSHOTS)
-                .map_err(|e| internal("open table")(e.into()))?;
-            let meta = txn
-                .open_table(META)
-                .map_err(|e| internal("open table")(e.into()))?;
-            let mut tx = Tx { snaps, meta };
-            f(&mut tx)?
-        };
+        let out = f(&mut Tx::open(&txn)?)?;
         txn.commit().map_err(|e| internal("commit")(e.into()))?;
         Ok(out)
     }
@@ -212,14 +214,8 @@ impl Store {
             .db
             .begin_write()
             .map_err(|e| internal("begin")(e.into()))?;
-        let snaps = txn
-            .open_table(SNAPSHOTS)
-            .map_err(|e| internal("open table")(e.into()))?;
-        let meta = txn
-            .open_table(META)
-            .map_err(|e| internal("open table")(e.into()))?;
-        let mut tx = Tx { snaps, meta };
-        f(&mut tx)
+        let out = f(&mut Tx::open(&txn)?);
+        out
     }
 }
 

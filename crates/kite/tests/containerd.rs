@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use util::containerd::{containerd_available, unmount_under, Containerd, Cri, Snapshotter};
+use util::containerd::{containerd_available, unmount_under, Containerd, Snapshotter};
+use util::cri::{Cri, Pod};
 use util::daemon::Daemon;
 use util::registry::Registry;
 use util::*;
@@ -62,7 +63,7 @@ fn world(test: &str) -> Option<World> {
     let daemon = Daemon::start(&d.join("daemon"), &[]);
     let snap = Snapshotter::start(&d.join("snapshotter"), &daemon.socket);
     let ctrd = Containerd::start(&d.join("containerd"), &snap.address, &pause);
-    let cri = Cri::connect(&ctrd);
+    let cri = ctrd.cri();
     Some(World {
         cri,
         ctrd,
@@ -175,7 +176,7 @@ fn daemon_has(daemon: &Daemon, fsid: &str) -> bool {
         .any(|i| i["fsid"] == fsid)
 }
 
-fn run_to_exit(w: &mut World, pod: &util::containerd::Pod, name: &str, image: &str) -> String {
+fn run_to_exit(w: &mut World, pod: &Pod, name: &str, image: &str) -> String {
     let id = w
         .cri
         .start(pod, name, image, &[])
@@ -307,6 +308,29 @@ fn a_snapshotter_restart_keeps_containers_running_and_new_ones_starting() {
     assert_eq!(
         w.cri.state(&running).0,
         k8s_cri::v1::ContainerState::ContainerRunning
+    );
+    // containerd's client finds its connection closed and reconnects with
+    // a backoff (at most 3 s): calls until then fail as unavailable, and
+    // kubelet retries them.
+    let t = Instant::now();
+    loop {
+        let o = w
+            .ctrd
+            .ctr("k8s.io", &["snapshots", "--snapshotter", "kite", "ls"]);
+        if o.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(err.contains("unavailable"), "{err}");
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "containerd did not reconnect: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "containerd reconnected {:?} after the snapshotter was back",
+        t.elapsed()
     );
     // A new container of the same image, and a pull of it again, work
     // from the stored snapshots; the image is still mounted once.

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+pub mod cri;
 pub mod daemon;
 pub mod registry;
 
