@@ -114,6 +114,13 @@ pub struct RegisterResponse {
     pub read_ahead_kb: u32,
 }
 
+/// `POST /v1/gc`: collect what has been unreferenced this long.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GcRequest {
+    #[serde(default)]
+    pub grace_secs: u64,
+}
+
 /// A mount of a registered image (`POST /v1/images/<fsid>/mounts`). On the
 /// fanotify path the daemon remounts it with direct I/O once the image is
 /// complete on disk.
@@ -170,6 +177,13 @@ pub struct ImageStatus {
     /// I/O (done once the image is complete on disk).
     #[serde(default)]
     pub direct_io_mounts: Vec<(PathBuf, bool)>,
+    /// Unix seconds: registered (or adopted) by the serving worker.
+    #[serde(default)]
+    pub registered_at: u64,
+    /// Unix seconds of the last kernel request for the image's data (0:
+    /// none yet). Cache hits never reach the daemon.
+    #[serde(default)]
+    pub last_miss: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -234,6 +248,8 @@ pub struct ApiContext {
     pub process: ProcessInfo,
     /// Set once adoption is done.
     pub adopted: std::sync::atomic::AtomicUsize,
+    /// Files the collector found unreferenced, and since when.
+    pub gc_seen: crate::gc::Unreferenced,
 }
 
 /// `/v1/images/<fsid>/<sub>` -> `fsid` (for that `sub` only).
@@ -271,6 +287,13 @@ pub fn images_status(
             fsid: img.fsid.clone(),
             source: img.source.clone(),
             bootstrap_size: img.bootstrap.len() as u64,
+            registered_at: img.registered_at,
+            last_miss: img
+                .blobs
+                .iter()
+                .map(|b| b.last_miss.load(Ordering::Relaxed))
+                .max()
+                .unwrap_or(0),
             direct_io_mounts: img
                 .direct_io_mounts
                 .lock()
@@ -404,6 +427,26 @@ async fn handle(
                     }
                     json(StatusCode::OK, &serde_json::json!({ "fsid": fsid }))
                 }
+            }
+        }
+        (Method::POST, "/v1/gc") => {
+            let body = req.into_body().collect().await?.to_bytes();
+            let grace = serde_json::from_slice::<GcRequest>(&body)
+                .map(|g| g.grace_secs)
+                .unwrap_or(0);
+            let c = Arc::clone(&ctx);
+            match tokio::task::spawn_blocking(move || {
+                crate::gc::collect(
+                    &c.daemon,
+                    &c.cache_dir,
+                    &c.gc_seen,
+                    Duration::from_secs(grace),
+                )
+            })
+            .await
+            {
+                Ok(report) => json(StatusCode::OK, &report),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("gc: {e}")),
             }
         }
         (Method::DELETE, p) if p.starts_with("/v1/images/") => {
@@ -891,6 +934,15 @@ impl Client {
             )
             .await?;
         Self::decode::<serde_json::Value>(s, &b).map(|_| ())
+    }
+
+    /// Collect cache data no registered image references and that has
+    /// been unreferenced for `grace_secs` (0: all of it).
+    pub async fn gc(&self, grace_secs: u64) -> Result<crate::gc::GcReport, DaemonError> {
+        let body = serde_json::to_vec(&GcRequest { grace_secs })
+            .map_err(|e| DaemonError::Api(e.to_string()))?;
+        let (s, b) = self.call(Method::POST, "/v1/gc", Some(body)).await?;
+        Self::decode(s, &b)
     }
 
     pub async fn unregister(&self, fsid: &str) -> Result<(), DaemonError> {

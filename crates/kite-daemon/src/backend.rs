@@ -52,6 +52,10 @@ pub trait Backend: Send + Sync {
     fn counters(&self) -> &Counters;
     /// A short description for status output.
     fn describe(&self) -> String;
+    /// The kind of source, for metrics: `registry`, `http`, `local`.
+    fn kind(&self) -> &'static str {
+        "other"
+    }
 }
 
 /// Blobs in a local directory, as `<hex>` or `blobs/sha256/<hex>`.
@@ -113,6 +117,9 @@ impl Backend for LocalDir {
     }
     fn describe(&self) -> String {
         format!("local:{}", self.dir.display())
+    }
+    fn kind(&self) -> &'static str {
+        "local"
     }
 }
 
@@ -203,6 +210,9 @@ impl Backend for Http {
     fn describe(&self) -> String {
         self.base.clone()
     }
+    fn kind(&self) -> &'static str {
+        "http"
+    }
 }
 
 /// Blobs in an OCI registry repository, fetched with Range GETs (auth,
@@ -264,5 +274,8 @@ impl Backend for Registry {
     }
     fn describe(&self) -> String {
         format!("registry:{}", self.repo.display())
+    }
+    fn kind(&self) -> &'static str {
+        "registry"
     }
 }

@@ -234,6 +234,10 @@ pub struct BlobState {
     prefetch: Mutex<Prefetch>,
     /// Profile chunks the prefetcher found missing and fetched.
     pub prefetched_chunks: AtomicU64,
+    /// Unix seconds of the last kernel request for this blob's data (0:
+    /// none). Cache hits never reach the daemon, so this is the last
+    /// miss, not the last read.
+    pub last_miss: AtomicU64,
 }
 
 impl BlobState {
@@ -272,6 +276,7 @@ impl BlobState {
             access: Mutex::new(AccessLog::default()),
             prefetch: Mutex::new(Prefetch::default()),
             prefetched_chunks: AtomicU64::new(0),
+            last_miss: AtomicU64::new(0),
         }
     }
 
@@ -279,6 +284,7 @@ impl BlobState {
     /// the path sees them): the first read of each is kept, in order, for
     /// [`BlobState::access_order`].
     pub fn record_access(&self, chunks: impl IntoIterator<Item = usize>) {
+        self.last_miss.store(crate::unix_now(), Ordering::Relaxed);
         let Ok(mut log) = self.access.lock() else {
             return;
         };
@@ -924,6 +930,7 @@ impl BlobState {
         let last = self.chunks[*run.last().expect("non-empty run")];
         let start = first.compressed_offset;
         let end = last.compressed_offset + last.compressed_size as u64;
+        let t0 = std::time::Instant::now();
         let fetched =
             match tokio::time::timeout(self.timeout, self.backend.fetch(self.digest, start..end))
                 .await
@@ -942,6 +949,15 @@ impl BlobState {
                     secs: self.timeout.as_secs(),
                 }),
             };
+        crate::metrics::record_fetch(
+            self.backend.kind(),
+            t0.elapsed().as_secs_f64(),
+            match &fetched {
+                Ok(b) => crate::metrics::FetchOutcome::Ok(b.len() as u64),
+                Err(FetchError::Timeout { .. }) => crate::metrics::FetchOutcome::Timeout,
+                Err(_) => crate::metrics::FetchOutcome::Error,
+            },
+        );
         let target = object.target();
         // Decode every chunk of the run on the blocking pool, and write
         // each into the cache as soon as it is decoded: decodes and writes
@@ -1003,6 +1019,7 @@ impl BlobState {
                 (Ok(_), ChunkStep::Decode { corrupt, why }) => {
                     if corrupt {
                         self.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
+                        crate::metrics::record_corrupt();
                         tracing::warn!(blob = %self.digest, chunk = i, "refusing corrupt chunk: {why}");
                     }
                     (Err(why), corrupt)

@@ -13,6 +13,8 @@
 //! - [`fanotify`]: the fanotify path: sparse blob files, pre-content
 //!   events, unmarking complete blobs.
 //! - [`api`]: the control API on a unix socket, and its client.
+//! - [`gc`]: collecting cache data no registered image references.
+//! - [`metrics`]: Prometheus metrics at `/metrics` (`--metrics-addr`).
 //! - [`mounting`]: the client side of a mount (`kite mount`, the
 //!   snapshotter): mount a registered image, set its readahead.
 //! - [`state`]: fetch state persisted across restarts.
@@ -38,6 +40,8 @@ pub mod blob;
 pub mod daemon;
 pub mod dispatch;
 pub mod fanotify;
+pub mod gc;
+pub mod metrics;
 pub mod mounting;
 pub mod registry;
 pub mod serve;
@@ -96,6 +100,11 @@ pub struct DaemonConfig {
     pub registry: kite_registry::ClientConfig,
     /// fanotify path: bytes of bootstraps to lock in memory (0: none).
     pub pin_metadata: u64,
+    /// Where to serve Prometheus metrics (`GET /metrics`); none if unset.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Cache data unreferenced this long is collected by a sweep every
+    /// minute (zero: only `kite gc` collects).
+    pub gc_grace: Duration,
 }
 
 impl Default for DaemonConfig {
@@ -109,8 +118,18 @@ impl Default for DaemonConfig {
             readahead: 4,
             registry: kite_registry::ClientConfig::default(),
             pin_metadata: 256 << 20,
+            metrics_addr: None,
+            gc_grace: Duration::from_secs(600),
         }
     }
+}
+
+/// Unix seconds now (0 if the clock is before 1970).
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// What a worker gets from the holder that keeps the kernel interface.
@@ -207,6 +226,7 @@ pub async fn run(cfg: DaemonConfig, h: Handoff) -> Result<(), DaemonError> {
             worker_generation: h.generation,
         },
         adopted: Default::default(),
+        gc_seen: Default::default(),
     });
     // Adopt before the first kernel request is read: every blob file and
     // cache object the kernel may ask about must be known (an unknown
@@ -240,6 +260,34 @@ pub async fn run(cfg: DaemonConfig, h: Handoff) -> Result<(), DaemonError> {
     let mut api = tokio::spawn({
         let ctx = Arc::clone(&ctx);
         api::serve_on(ctx, h.api)
+    });
+    // The automatic collection: what stayed unreferenced for the grace
+    // period goes.
+    let sweeper = (!cfg.gc_grace.is_zero()).then(|| {
+        let ctx = Arc::clone(&ctx);
+        let grace = cfg.gc_grace;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60).min(grace));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let ctx = Arc::clone(&ctx);
+                let _ = tokio::task::spawn_blocking(move || {
+                    gc::collect(&ctx.daemon, &ctx.cache_dir, &ctx.gc_seen, grace)
+                })
+                .await;
+            }
+        })
+    });
+    // Metrics never stop the worker: a port that cannot be bound is an
+    // error in the log, and serving goes on.
+    let metrics = cfg.metrics_addr.map(|addr| {
+        let ctx = Arc::clone(&ctx);
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, ctx).await {
+                tracing::error!(%addr, "metrics endpoint: {e}");
+            }
+        })
     });
     let flusher = tokio::spawn({
         let d = Arc::clone(&daemon);
@@ -295,6 +343,9 @@ pub async fn run(cfg: DaemonConfig, h: Handoff) -> Result<(), DaemonError> {
     // API clients in the socket's backlog for the next worker too.
     serve.abort();
     api.abort();
+    for t in [&metrics, &sweeper].into_iter().flatten() {
+        t.abort();
+    }
     let _ = (&mut serve).await;
     let _ = (&mut api).await;
     flusher.abort();

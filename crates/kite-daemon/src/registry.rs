@@ -31,6 +31,8 @@ pub struct Image {
     /// to remount with direct I/O once every blob is complete (see
     /// [`Image::switch_to_direct_io`]).
     pub direct_io_mounts: std::sync::Mutex<Vec<(std::path::PathBuf, bool)>>,
+    /// Unix seconds: when this worker registered (or adopted) the image.
+    pub registered_at: u64,
 }
 
 impl Image {
@@ -183,6 +185,7 @@ impl Registry {
             source: p.source,
             chunk_size: p.chunk_size,
             direct_io_mounts: std::sync::Mutex::new(Vec::new()),
+            registered_at: crate::unix_now(),
         });
         self.images.insert(p.fsid, Arc::clone(&img));
         img

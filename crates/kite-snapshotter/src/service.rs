@@ -92,6 +92,25 @@ impl Core {
         }
     }
 
+    /// Register the image `reference` names with the daemon (which
+    /// fetches and verifies its bootstrap); `what` prefixes errors.
+    fn register(&self, reference: &str, what: &str) -> Result<RegisterResponse, Error> {
+        let req = RegisterRequest {
+            image: Some(ImageRef {
+                reference: reference.to_string(),
+                plain_http: false,
+                platform: None,
+                username: None,
+                password: None,
+                no_prefetch: false,
+            }),
+            ..Default::default()
+        };
+        self.rt
+            .block_on(self.daemon.register(&req))
+            .map_err(|e| self.daemon_err(what, e))
+    }
+
     // ---- RPCs -------------------------------------------------------
 
     pub fn prepare(
@@ -433,22 +452,8 @@ impl Core {
                 }
                 let reference = labels::image_reference(labels)
                     .map_err(|e| Error::FailedPrecondition(what(e)))?;
-                let req = RegisterRequest {
-                    image: Some(ImageRef {
-                        reference: reference.clone(),
-                        plain_http: false,
-                        platform: None,
-                        username: None,
-                        password: None,
-                        no_prefetch: false,
-                    }),
-                    ..Default::default()
-                };
                 tracing::info!(%reference, %layer, "registering kite image with the daemon");
-                let reg = self
-                    .rt
-                    .block_on(self.daemon.register(&req))
-                    .map_err(|e| self.daemon_err(&what(format!("image {reference}")), e))?;
+                let reg = self.register(&reference, &what(format!("image {reference}")))?;
                 if reg.fsid != image {
                     // The daemon registered what the reference names now;
                     // not the image whose layer this is.
@@ -640,21 +645,7 @@ impl Core {
         let reg = match kept {
             Some(r) if known => r,
             _ => {
-                let req = RegisterRequest {
-                    image: Some(ImageRef {
-                        reference: k.reference.clone(),
-                        plain_http: false,
-                        platform: None,
-                        username: None,
-                        password: None,
-                        no_prefetch: false,
-                    }),
-                    ..Default::default()
-                };
-                let reg = self
-                    .rt
-                    .block_on(self.daemon.register(&req))
-                    .map_err(|e| self.daemon_err(&what, e))?;
+                let reg = self.register(&k.reference, &what)?;
                 if reg.fsid != k.fsid {
                     return Err(Error::FailedPrecondition(format!(
                         "{what}: the daemon registered bootstrap sha256:{}, the snapshot was made for sha256:{}",
@@ -702,7 +693,18 @@ impl Core {
             return;
         }
         match self.rt.block_on(self.daemon.unregister(fsid)) {
-            Ok(()) => tracing::info!(%fsid, "image no longer used: told the daemon"),
+            Ok(()) => {
+                tracing::info!(%fsid, "image no longer used: told the daemon");
+                // Its cache data goes now, not after the daemon's grace.
+                match self.rt.block_on(self.daemon.gc(0)) {
+                    Ok(r) => tracing::info!(
+                        blobs = r.blobs,
+                        freed_bytes = r.freed_bytes,
+                        "cache data collected"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "asking the daemon to collect"),
+                }
+            }
             Err(kite_daemon::DaemonError::Api(e)) if e.contains("no image") => {}
             Err(e) => {
                 tracing::warn!(%fsid, error = %e, "telling the daemon an image is no longer used")
@@ -900,5 +902,200 @@ impl containerd_snapshots::Snapshotter for Snapshotter {
     async fn list(&self, _snapshotter: String, filters: Vec<String>) -> Result<InfoStream, Error> {
         let infos = self.run(move |c| c.list(&filters)).await?;
         Ok(Box::pin(futures::stream::iter(infos.into_iter().map(Ok))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The RPCs' semantics on ordinary snapshots (no daemon, no mounts:
+    //! the mounts are returned, not made). The kite paths are tested end
+    //! to end with containerd (crates/kite/tests/containerd.rs).
+
+    use super::*;
+
+    fn core(dir: &Path) -> (tokio::runtime::Runtime, Core) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let cfg = Config {
+            root: dir.join("root"),
+            address: dir.join("s.sock"),
+            daemon_socket: dir.join("no-daemon.sock"),
+        };
+        let core = Core::open(&cfg, rt.handle().clone()).unwrap();
+        (rt, core)
+    }
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn opt<'a>(m: &'a Mount, prefix: &str) -> Option<&'a str> {
+        m.options.iter().find_map(|o| o.strip_prefix(prefix))
+    }
+
+    #[test]
+    fn active_commit_view_and_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_rt, c) = core(dir.path());
+        // A first layer: an active snapshot with no parent is a bind mount.
+        let m = c
+            .prepare("ns/1/a".into(), String::new(), labels(&[]), Kind::Active)
+            .unwrap();
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].r#type, "bind");
+        assert!(m[0].options.contains(&"rw".to_string()));
+        std::fs::write(Path::new(&m[0].source).join("f"), vec![7u8; 10_000]).unwrap();
+        assert_eq!(
+            c.stat("ns/1/a".into()).unwrap().kind,
+            containerd_snapshots::Kind::Active
+        );
+        // Only committed snapshots can be parents.
+        let e = c
+            .prepare("ns/2/b".into(), "ns/1/a".into(), labels(&[]), Kind::Active)
+            .unwrap_err();
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+        c.commit("layer-a".into(), "ns/1/a".into(), labels(&[("x", "1")]))
+            .unwrap();
+        assert!(matches!(c.stat("ns/1/a".into()), Err(Error::NotFound(_))));
+        let a = c.stat("layer-a".into()).unwrap();
+        assert_eq!(a.kind, containerd_snapshots::Kind::Committed);
+        assert_eq!(a.labels.get("x").map(String::as_str), Some("1"));
+        let u = c.usage("layer-a".into()).unwrap();
+        assert!(u.size >= 10_000 && u.inodes == 2, "{u:?}");
+        // Committed snapshots have no mounts; committing twice fails.
+        assert!(matches!(
+            c.mounts("layer-a".into()),
+            Err(Error::FailedPrecondition(_))
+        ));
+        // A view of one layer: a read-only bind of it.
+        let v = c
+            .prepare("view".into(), "layer-a".into(), labels(&[]), Kind::View)
+            .unwrap();
+        assert_eq!(v[0].r#type, "bind");
+        assert!(v[0].options.contains(&"ro".to_string()));
+        assert!(v[0].source.ends_with("/fs"));
+        assert!(Path::new(&v[0].source).join("f").exists());
+        // A container on top: overlay, upper and work of its own.
+        let o = c
+            .prepare("ctr".into(), "layer-a".into(), labels(&[]), Kind::Active)
+            .unwrap();
+        assert_eq!(o[0].r#type, "overlay");
+        assert_eq!(opt(&o[0], "lowerdir="), Some(v[0].source.as_str()));
+        assert!(opt(&o[0], "upperdir=").is_some() && opt(&o[0], "workdir=").is_some());
+        assert_eq!(c.mounts("ctr".into()).unwrap(), o);
+        // A parent with children cannot go; children first.
+        assert!(matches!(
+            c.remove("layer-a".into()),
+            Err(Error::FailedPrecondition(_))
+        ));
+        c.remove("ctr".into()).unwrap();
+        c.remove("view".into()).unwrap();
+        c.remove("layer-a".into()).unwrap();
+        assert!(c.list(&[]).unwrap().is_empty());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("root/snapshots"))
+                .unwrap()
+                .count(),
+            0,
+            "directories left behind"
+        );
+    }
+
+    #[test]
+    fn two_lowers_stack_nearest_first_and_keys_are_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_rt, c) = core(dir.path());
+        c.prepare("k1".into(), String::new(), labels(&[]), Kind::Active)
+            .unwrap();
+        c.commit("l1".into(), "k1".into(), labels(&[])).unwrap();
+        c.prepare("k2".into(), "l1".into(), labels(&[]), Kind::Active)
+            .unwrap();
+        c.commit("l2".into(), "k2".into(), labels(&[])).unwrap();
+        let v = c
+            .prepare("v".into(), "l2".into(), labels(&[]), Kind::View)
+            .unwrap();
+        assert_eq!(v[0].r#type, "overlay");
+        let lowers: Vec<&str> = opt(&v[0], "lowerdir=").unwrap().split(':').collect();
+        assert_eq!(lowers.len(), 2);
+        let l2 = c.mounts("v".into()).unwrap();
+        assert_eq!(l2, v);
+        assert!(opt(&v[0], "upperdir=").is_none(), "a view has no upper");
+        let e = c
+            .prepare("v".into(), "l2".into(), labels(&[]), Kind::View)
+            .unwrap_err();
+        assert!(matches!(e, Error::AlreadyExists(_)), "{e}");
+        let e = c
+            .prepare("w".into(), "nope".into(), labels(&[]), Kind::View)
+            .unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
+        // The nearest lower (l2's directory) comes first.
+        let infos = c.list(&["name==l2".into()]).unwrap();
+        assert_eq!(infos.len(), 1);
+        assert!(lowers[0] != lowers[1]);
+    }
+
+    #[test]
+    fn update_changes_labels_only_and_list_filters() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_rt, c) = core(dir.path());
+        c.prepare(
+            "k".into(),
+            String::new(),
+            labels(&[("a", "1"), ("b", "2")]),
+            Kind::Active,
+        )
+        .unwrap();
+        let mut info = c.stat("k".into()).unwrap();
+        info.labels = [("a".to_string(), "9".to_string())].into_iter().collect();
+        // One path: a changes, b stays.
+        let got = c.update(info, Some(vec!["labels.a".into()])).unwrap();
+        assert_eq!(got.labels.get("a").map(String::as_str), Some("9"));
+        assert_eq!(got.labels.get("b").map(String::as_str), Some("2"));
+        // A path naming b with no value for it removes b.
+        let info = c.stat("k".into()).unwrap();
+        let mut info2 = info;
+        info2.labels.remove("b");
+        let got = c.update(info2, Some(vec!["labels.b".into()])).unwrap();
+        assert!(!got.labels.contains_key("b"));
+        // Anything but labels is refused.
+        let info = c.stat("k".into()).unwrap();
+        let e = c.update(info, Some(vec!["parent".into()])).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        assert_eq!(c.list(&["labels.a==9".into()]).unwrap().len(), 1);
+        assert_eq!(c.list(&["labels.a==1".into()]).unwrap().len(), 0);
+        assert_eq!(c.list(&["kind==Active".into()]).unwrap().len(), 1);
+        assert!(matches!(
+            c.list(&["name~=k".into()]),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn a_restart_reads_the_store_and_sweeps_orphan_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (_rt, c) = core(dir.path());
+            c.prepare("k".into(), String::new(), labels(&[]), Kind::Active)
+                .unwrap();
+            c.commit("l".into(), "k".into(), labels(&[])).unwrap();
+        }
+        // What a crash between mkdir and commit leaves.
+        std::fs::create_dir_all(dir.path().join("root/snapshots/999/fs")).unwrap();
+        let (_rt, c) = core(dir.path());
+        assert_eq!(
+            c.stat("l".into()).unwrap().kind,
+            containerd_snapshots::Kind::Committed
+        );
+        assert!(!dir.path().join("root/snapshots/999").exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("root/snapshots"))
+                .unwrap()
+                .count(),
+            1
+        );
     }
 }

@@ -20,6 +20,8 @@ pub struct DaemonArgs {
     pub fetch_timeout: u64,
     pub readahead: usize,
     pub pin_metadata: u64,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub gc_grace: u64,
 }
 
 /// `--kernel-path`: None for `auto`.
@@ -49,6 +51,8 @@ pub async fn daemon(a: DaemonArgs, registry: kite_registry::ClientConfig) -> Res
         readahead: a.readahead,
         registry,
         pin_metadata: a.pin_metadata,
+        metrics_addr: a.metrics_addr,
+        gc_grace: Duration::from_secs(a.gc_grace),
         ..Default::default()
     };
     let handoff = kite_daemon::Handoff {
@@ -259,6 +263,140 @@ pub async fn umount(mountpoint: &Path, socket: &Path) -> Result<()> {
         }
     }
     println!("unmounted {}", mountpoint.display());
+    Ok(())
+}
+
+/// Mountpoints of image `fsid` on this host.
+fn mountpoints_of(fsid: &str) -> Vec<PathBuf> {
+    kite_kernel::mount::erofs_mounts()
+        .into_iter()
+        .filter(|m| m.fsid == fsid)
+        .map(|m| m.mountpoint)
+        .collect()
+}
+
+fn ago(unix: u64) -> String {
+    if unix == 0 {
+        return "never".into();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let s = now.saturating_sub(unix);
+    match s {
+        0..=119 => format!("{s} s ago"),
+        120..=7199 => format!("{} min ago", s / 60),
+        7200..=172_799 => format!("{} h ago", s / 3600),
+        _ => format!("{} days ago", s / 86400),
+    }
+}
+
+/// `kite images`.
+pub async fn images(socket: &Path, json: bool) -> Result<()> {
+    let images = Client::new(socket).images().await?;
+    let rows: Vec<serde_json::Value> = images
+        .iter()
+        .map(|i| {
+            let size: u64 = i.blobs.iter().map(|b| b.uncompressed_size).sum();
+            let stored: u64 = i.blobs.iter().map(|b| b.compressed_size).sum();
+            let fetched: u64 = i.blobs.iter().map(|b| b.fetched_bytes).sum();
+            serde_json::json!({
+                "fsid": i.fsid,
+                "reference": i.source,
+                "size": size,
+                "stored_size": stored,
+                "bootstrap_size": i.bootstrap_size,
+                "fetched": fetched,
+                "registered_at": i.registered_at,
+                "last_miss": i.last_miss,
+                "mounts": mountpoints_of(&i.fsid),
+            })
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<14} {:>10} {:>10} {:>6} {:<14} {:<6} REFERENCE",
+        "FSID", "SIZE", "FETCHED", "", "LAST MISS", "MOUNTS"
+    );
+    for (i, r) in images.iter().zip(&rows) {
+        let size = r["size"].as_u64().unwrap_or(0);
+        let fetched = r["fetched"].as_u64().unwrap_or(0);
+        println!(
+            "{:<14} {:>10} {:>10} {:>5.1}% {:<14} {:<6} {}",
+            &i.fsid[..12.min(i.fsid.len())],
+            crate::mib(size),
+            crate::mib(fetched),
+            100.0 * fetched as f64 / size.max(1) as f64,
+            ago(i.last_miss),
+            mountpoints_of(&i.fsid).len(),
+            i.source
+        );
+    }
+    Ok(())
+}
+
+/// `kite rm IMAGE`: forget a registered image that nothing mounts.
+pub async fn rm(image: &str, socket: &Path) -> Result<()> {
+    let client = Client::new(socket);
+    let images = client.images().await?;
+    let want = image.strip_prefix("sha256:").unwrap_or(image);
+    let matches: Vec<_> = images
+        .iter()
+        .filter(|i| {
+            i.source == image
+                || (want.len() >= 8 && i.fsid.starts_with(want))
+                || i.source.rsplit_once('@').is_some_and(|(_, d)| d == image)
+        })
+        .collect();
+    let img = match matches.as_slice() {
+        [one] => one,
+        [] => bail!(
+            "no registered image is {image} (`kite images` lists them: a reference, an fsid or at least 8 hex digits of one)"
+        ),
+        more => bail!(
+            "{image} names {} images ({}): give more of the fsid",
+            more.len(),
+            more.iter()
+                .map(|i| &i.fsid[..12.min(i.fsid.len())])
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let mounts = mountpoints_of(&img.fsid);
+    if !mounts.is_empty() {
+        bail!(
+            "image {} ({}) is mounted at {}: unmount it first (`kite umount`, or remove its containers)",
+            &img.fsid[..12.min(img.fsid.len())],
+            img.source,
+            mounts
+                .iter()
+                .map(|m| m.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    client.unregister(&img.fsid).await?;
+    println!(
+        "removed {} (fsid {}); its cache data goes at the next collection (`kite gc` now)",
+        img.source, img.fsid
+    );
+    Ok(())
+}
+
+/// `kite gc`.
+pub async fn gc(socket: &Path) -> Result<()> {
+    let r = Client::new(socket).gc(0).await?;
+    println!(
+        "collected {} blob files, {} bootstraps, {} state files: {} freed",
+        r.blobs,
+        r.bootstraps,
+        r.state_files,
+        crate::mib(r.freed_bytes)
+    );
     Ok(())
 }
 

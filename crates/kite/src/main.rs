@@ -134,6 +134,14 @@ enum Cmd {
         /// in memory, so metadata never waits for the disk (0 disables).
         #[arg(long, default_value_t = 256)]
         pin_metadata_mib: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
+        /// 127.0.0.1:9464). Off by default.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Collect cache data that no registered image has referenced for
+        /// this many seconds (checked every minute; 0: only `kite gc`).
+        #[arg(long, value_name = "SECS", default_value_t = 600)]
+        gc_grace: u64,
         /// Replace a running daemon on the same socket (e.g. with a new
         /// binary): it answers what it holds and hands the kernel
         /// interface over; no request is dropped.
@@ -197,6 +205,28 @@ enum Cmd {
     /// Unmount a kite mount and forget the image if nothing else uses it.
     Umount {
         mountpoint: PathBuf,
+        #[arg(long, env = "KITE_SOCKET", default_value = lazy::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// List the daemon's registered images: reference, fsid, size,
+    /// fetched bytes, last miss, mounts.
+    Images {
+        #[arg(long, env = "KITE_SOCKET", default_value = lazy::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a registered image that is not mounted (by reference, as
+    /// `kite images` shows it, or by fsid or a prefix of it). Its cache
+    /// data goes at the next collection (`kite gc`, or the daemon's
+    /// sweep after --gc-grace).
+    Rm {
+        image: String,
+        #[arg(long, env = "KITE_SOCKET", default_value = lazy::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Delete cache data that no registered image references, now.
+    Gc {
         #[arg(long, env = "KITE_SOCKET", default_value = lazy::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
@@ -317,6 +347,8 @@ fn run(cli: Cli) -> Result<()> {
             docker_config,
             registry_retries,
             pin_metadata_mib,
+            metrics_addr,
+            gc_grace,
             takeover,
             worker,
             keeper,
@@ -366,6 +398,8 @@ fn run(cli: Cli) -> Result<()> {
                     fetch_timeout,
                     readahead,
                     pin_metadata: pin_metadata_mib << 20,
+                    metrics_addr,
+                    gc_grace,
                 },
                 reg,
             ))?;
@@ -424,6 +458,9 @@ fn run(cli: Cli) -> Result<()> {
                 daemon_socket: socket,
             }))?
         }
+        Cmd::Images { socket, json } => runtime()?.block_on(lazy::images(&socket, json))?,
+        Cmd::Rm { image, socket } => runtime()?.block_on(lazy::rm(&image, &socket))?,
+        Cmd::Gc { socket } => runtime()?.block_on(lazy::gc(&socket))?,
         Cmd::Umount { mountpoint, socket } => {
             runtime()?.block_on(lazy::umount(&mountpoint, &socket))?
         }
