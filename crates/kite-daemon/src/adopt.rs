@@ -38,6 +38,9 @@ pub struct ImageRecord {
     /// Where `kite mount` mounted it.
     #[serde(default)]
     pub mountpoints: Vec<PathBuf>,
+    /// Pulled for keeping (`kite pull`): only `kite rm` forgets it.
+    #[serde(default)]
+    pub kept: bool,
 }
 
 fn records_dir(run_dir: &Path) -> PathBuf {
@@ -168,6 +171,8 @@ fn adopt_one(ctx: &ApiContext, rec: &ImageRecord) -> Result<(), DaemonError> {
             .unwrap_or_else(|| rec.fsid.clone())
     });
     let img = crate::api::install(ctx, bytes, backend, source)?;
+    img.kept
+        .store(rec.kept, std::sync::atomic::Ordering::Relaxed);
     if let Some(fan) = &ctx.fanotify {
         fan.prepare(&img)?;
         if let Ok(mut m) = img.direct_io_mounts.lock() {

@@ -165,6 +165,10 @@ pub struct BlobStatus {
     /// fanotify path: pre-content events raised for this blob's file.
     #[serde(default)]
     pub events: u64,
+    /// Chunks a registered image can read that are not on disk yet (a
+    /// layer blob may hold chunks no file references: never fetched).
+    #[serde(default)]
+    pub missing_chunks: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -184,6 +188,9 @@ pub struct ImageStatus {
     /// none yet). Cache hits never reach the daemon.
     #[serde(default)]
     pub last_miss: u64,
+    /// Pulled for keeping (`kite pull`): only `kite rm` forgets it.
+    #[serde(default)]
+    pub kept: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -288,6 +295,7 @@ pub fn images_status(
             source: img.source.clone(),
             bootstrap_size: img.bootstrap.len() as u64,
             registered_at: img.registered_at,
+            kept: img.kept.load(Ordering::Relaxed),
             last_miss: img
                 .blobs
                 .iter()
@@ -315,6 +323,7 @@ pub fn images_status(
                     backend_bytes: b.backend.counters().bytes.load(Ordering::Relaxed),
                     prefetched_chunks: b.prefetched_chunks.load(Ordering::Relaxed),
                     events: fan.map(|f| f.blob_events(&b.digest)).unwrap_or(0),
+                    missing_chunks: b.missing_needed(),
                 })
                 .collect(),
         })
@@ -398,6 +407,26 @@ async fn handle(
                 None => error(StatusCode::NOT_FOUND, &format!("no image {fsid}")),
             }
         }
+        (Method::POST, p) if image_route(p, "pull").is_some() => {
+            let fsid = image_route(p, "pull").unwrap_or_default().to_string();
+            let img = ctx.daemon.registry.lock().ok().and_then(|r| r.image(&fsid));
+            match img {
+                None => error(StatusCode::NOT_FOUND, &format!("no image {fsid}")),
+                Some(img) => match pull(&ctx, &img).await {
+                    Ok(queued) => {
+                        img.kept.store(true, Ordering::Relaxed);
+                        if let Some(mut rec) = crate::adopt::load(&ctx.run_dir, &fsid) {
+                            rec.kept = true;
+                            if let Err(e) = crate::adopt::save(&ctx.run_dir, &rec) {
+                                tracing::warn!(fsid = %fsid, "recording a pull: {e}");
+                            }
+                        }
+                        json(StatusCode::OK, &serde_json::json!({ "queued": queued }))
+                    }
+                    Err(e) => error(StatusCode::CONFLICT, &e),
+                },
+            }
+        }
         (Method::POST, p) if image_route(p, "mounts").is_some() => {
             let fsid = image_route(p, "mounts").unwrap_or_default().to_string();
             let body = req.into_body().collect().await?.to_bytes();
@@ -451,6 +480,19 @@ async fn handle(
         }
         (Method::DELETE, p) if p.starts_with("/v1/images/") => {
             let fsid = &p["/v1/images/".len()..];
+            let force = req.uri().query() == Some("force=1");
+            let kept = ctx
+                .daemon
+                .registry
+                .lock()
+                .ok()
+                .and_then(|r| r.image(fsid))
+                .is_some_and(|i| i.kept.load(Ordering::Relaxed));
+            if kept && !force {
+                // Pulled for keeping: a last unmount or a containerd
+                // removal leaves it; `kite rm` forces.
+                return Ok(json(StatusCode::OK, &serde_json::json!({ "kept": fsid })));
+            }
             // Save what was fetched before the blobs are forgotten.
             let (img, state_dir) = match ctx.daemon.registry.lock() {
                 Ok(r) => (r.image(fsid), r.state_dir().map(Path::to_path_buf)),
@@ -499,8 +541,81 @@ async fn handle(
     Ok(resp)
 }
 
+/// `kite pull`: queue every chunk of `img` not on disk for the
+/// prefetcher. On the fanotify path a one-byte read of each blob file
+/// (which the daemon answers like any miss) hands the prefetcher the
+/// event's fd, so no mount is needed; on cachefiles the kernel hands over
+/// a blob's object only while the image is mounted.
+async fn pull(ctx: &Arc<ApiContext>, img: &crate::registry::Image) -> Result<usize, String> {
+    let mut queued = 0;
+    for b in &img.blobs {
+        let (first, n) = b.queue_missing();
+        queued += n;
+        let Some(first) = first else { continue };
+        if b.has_object() {
+            continue;
+        }
+        if ctx.fanotify.is_none() {
+            return Err(format!(
+                "image {} is not mounted: on the cachefiles path the kernel hands kite a blob only while its image is mounted; mount it, then pull",
+                img.fsid
+            ));
+        }
+        let path = ctx.cache_dir.join("blobs").join(b.digest.hex());
+        let at = b.chunk_offset(first);
+        // The read waits for the daemon's own answer: not on a worker.
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::open(&path)?;
+            let mut one = [0u8; 1];
+            f.read_at(&mut one, at).map(|_| ())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("reading blob {} to start its pull: {e}", b.digest))?;
+    }
+    tracing::info!(fsid = %img.fsid, queued, "pull: missing chunks queued");
+    Ok(queued)
+}
+
+/// Where a registry image's manifest is kept, by its digest, for
+/// registering it again while its registry is unreachable.
+fn kept_manifest_path(cache_dir: &Path, digest: &str) -> Option<PathBuf> {
+    let hex = kite_oci::digest_hex(digest).ok()?;
+    Some(cache_dir.join("manifests").join(hex))
+}
+
+/// The manifest kept for `reference` (pinned by digest), checked against
+/// that digest.
+fn kept_manifest(
+    cache_dir: &Path,
+    reference: &kite_registry::Reference,
+) -> Option<kite_registry::repo::Resolved> {
+    let digest = reference.digest.as_deref()?;
+    let bytes = std::fs::read(kept_manifest_path(cache_dir, digest)?).ok()?;
+    if kite_oci::sha256_digest(&bytes) != digest {
+        tracing::warn!(%digest, "the kept manifest does not match its digest: ignored");
+        return None;
+    }
+    let manifest: kite_oci::Manifest = serde_json::from_slice(&bytes).ok()?;
+    Some(kite_registry::repo::Resolved {
+        digest: digest.to_string(),
+        media_type: manifest
+            .media_type
+            .clone()
+            .unwrap_or_else(|| kite_oci::media::OCI_MANIFEST.into()),
+        bytes: bytes.into(),
+        manifest,
+        index_digest: None,
+    })
+}
+
 /// The bootstrap bytes, backend, source label and pinned reference of a
-/// registry image, fetched and verified.
+/// registry image, fetched and verified. While the registry is
+/// unreachable, an image pinned by digest that this node registered
+/// before comes from its kept manifest and bootstrap (both checked
+/// against their digests); its misses then fail until the registry is
+/// back.
 async fn fetch_registry_image(
     ctx: &ApiContext,
     r: &ImageRef,
@@ -526,7 +641,27 @@ async fn fetch_registry_image(
         .map_err(|e| DaemonError::Config(e.to_string()))?;
     let client = kite_registry::Client::new(cfg)?;
     let repo = client.repository(&reference, r.plain_http)?;
-    let resolved = repo.resolve(&reference, &platform).await?;
+    let (resolved, offline) = match repo.resolve(&reference, &platform).await {
+        Ok(r) => {
+            if let Some(path) = kept_manifest_path(&ctx.cache_dir, &r.digest) {
+                let _ = std::fs::create_dir_all(ctx.cache_dir.join("manifests"));
+                if let Err(e) = crate::write_intact(&path, &r.bytes) {
+                    tracing::warn!(digest = %r.digest, "keeping the manifest: {e}");
+                }
+            }
+            (r, false)
+        }
+        Err(e @ kite_registry::RegistryError::Transport { .. }) => {
+            match kept_manifest(&ctx.cache_dir, &reference) {
+                Some(r) => {
+                    tracing::warn!(reference = %reference, "registry unreachable ({e}); registering from the manifest and bootstrap kept on this node");
+                    (r, true)
+                }
+                None => return Err(e.into()),
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
     let pinned = reference.pinned(&resolved.digest).to_string();
     let bad = |why: String| DaemonError::BadImage {
         reference: pinned.clone(),
@@ -565,8 +700,19 @@ async fn fetch_registry_image(
     // Verified against the descriptor's digest and size by the client; a
     // compressed one then against the digest and size its annotations
     // give, which the (verified) manifest carries.
-    let fetched = repo.fetch_blob(boot, MAX_BOOTSTRAP).await?;
-    let bytes: Vec<u8> = if inner.compressed {
+    let bytes: Vec<u8> = if offline {
+        kite_oci::digest_hex(&inner.digest)
+            .ok()
+            .and_then(|hex| std::fs::read(crate::adopt::bootstrap_path(&ctx.cache_dir, hex)).ok())
+            .filter(|b| kite_oci::sha256_digest(b) == inner.digest)
+            .ok_or_else(|| {
+                bad(format!(
+                    "the registry is unreachable and this node keeps no intact bootstrap {}",
+                    inner.digest
+                ))
+            })?
+    } else if inner.compressed {
+        let fetched = repo.fetch_blob(boot, MAX_BOOTSTRAP).await?;
         let want = kite_format::Digest::parse(&inner.digest)
             .ok_or_else(|| bad(format!("bootstrap digest {}", inner.digest)))?;
         let size = inner.size;
@@ -581,7 +727,7 @@ async fn fetch_registry_image(
             why: e.to_string(),
         })?
     } else {
-        fetched.to_vec()
+        repo.fetch_blob(boot, MAX_BOOTSTRAP).await?.to_vec()
     };
     let parsed = kite_format::Bootstrap::parse(&bytes).map_err(|e| DaemonError::BadBootstrap {
         source_name: format!("{} of {pinned}", boot.digest),
@@ -615,7 +761,8 @@ async fn fetch_registry_image(
         .filter(|d| media::is_kite_prefetch(&d.media_type))
         .collect();
     let profile = match profiles.as_slice() {
-        _ if r.no_prefetch => None,
+        // Offline: the profile is not kept; the image runs without it.
+        _ if r.no_prefetch || offline => None,
         [] => None,
         [desc] => {
             let data = repo.fetch_blob(desc, 64 << 20).await?;
@@ -745,6 +892,7 @@ async fn register(
                 request,
                 pinned,
                 mountpoints: Vec::new(),
+                kept: false,
             };
             crate::adopt::save(&ctx.run_dir, &record)?;
             Ok(img)
@@ -936,6 +1084,16 @@ impl Client {
         Self::decode::<serde_json::Value>(s, &b).map(|_| ())
     }
 
+    /// Queue every missing chunk of image `fsid` for fetching (`kite
+    /// pull`); how many were queued.
+    pub async fn pull(&self, fsid: &str) -> Result<u64, DaemonError> {
+        let (s, b) = self
+            .call(Method::POST, &format!("/v1/images/{fsid}/pull"), None)
+            .await?;
+        let v: serde_json::Value = Self::decode(s, &b)?;
+        Ok(v["queued"].as_u64().unwrap_or(0))
+    }
+
     /// Collect cache data no registered image references and that has
     /// been unreferenced for `grace_secs` (0: all of it).
     pub async fn gc(&self, grace_secs: u64) -> Result<crate::gc::GcReport, DaemonError> {
@@ -945,9 +1103,19 @@ impl Client {
         Self::decode(s, &b)
     }
 
+    /// The image is no longer used (last unmount, containerd removal):
+    /// forgotten, unless it was pulled for keeping.
     pub async fn unregister(&self, fsid: &str) -> Result<(), DaemonError> {
         let (s, b) = self
             .call(Method::DELETE, &format!("/v1/images/{fsid}"), None)
+            .await?;
+        Self::decode::<serde_json::Value>(s, &b).map(|_| ())
+    }
+
+    /// Forget image `fsid`, pulled for keeping or not (`kite rm`).
+    pub async fn remove(&self, fsid: &str) -> Result<(), DaemonError> {
+        let (s, b) = self
+            .call(Method::DELETE, &format!("/v1/images/{fsid}?force=1"), None)
             .await?;
         Self::decode::<serde_json::Value>(s, &b).map(|_| ())
     }

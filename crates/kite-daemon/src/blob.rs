@@ -334,6 +334,39 @@ impl BlobState {
         added
     }
 
+    /// Queue every needed chunk not on disk for the prefetcher (`kite
+    /// pull`), again if an earlier attempt failed: it starts once the
+    /// blob's cache object is available. Returns the first such chunk (the
+    /// caller may read it to make the object available) and how many were
+    /// queued.
+    pub fn queue_missing(self: &Arc<Self>) -> (Option<usize>, usize) {
+        let needed = self.needed.lock().ok().and_then(|n| n.clone());
+        let missing: Vec<usize> = (0..self.chunks.len())
+            .filter(|&i| needed.as_ref().is_none_or(|n| n[i]) && !self.is_fetched(i))
+            .collect();
+        if let Ok(mut p) = self.prefetch.lock() {
+            if !p.profiled.is_empty() {
+                for &i in &missing {
+                    p.profiled[i] = false;
+                }
+            }
+        }
+        (missing.first().copied(), self.queue_prefetch(&missing))
+    }
+
+    /// Whether the prefetcher can write into this blob's cache object now.
+    pub fn has_object(&self) -> bool {
+        self.prefetch
+            .lock()
+            .map(|p| p.object.is_some())
+            .unwrap_or(false)
+    }
+
+    /// Where chunk `i` starts in the uncompressed layout.
+    pub fn chunk_offset(&self, i: usize) -> u64 {
+        self.chunks[i].uncompressed_offset
+    }
+
     /// Whether reads of chunk `i` should add no speculation: a profile
     /// lists it, so the prefetcher brings (or brought) what the workload
     /// reads next. Other chunks of the blob keep readahead.
@@ -605,6 +638,15 @@ impl BlobState {
             .filter(|(n, f)| **n && !**f)
             .count();
         self.needed_missing.store(missing, Ordering::Relaxed);
+    }
+
+    /// Chunks a registered image can read that are not on disk yet.
+    pub fn missing_needed(&self) -> u64 {
+        match self.needed_missing.load(Ordering::Relaxed) {
+            usize::MAX => (self.chunks.len() as u64)
+                .saturating_sub(self.fetched_chunks.load(Ordering::Relaxed)),
+            n => n as u64,
+        }
     }
 
     /// Whether every chunk a registered image can read is on disk: the

@@ -6,7 +6,9 @@
 //! What is collected, under `--cache-dir`:
 //! - `blobs/<hex>`: fanotify path blob files;
 //! - `kite-state/<hex>.fetched`: fetch bitmaps (both paths);
-//! - `bootstraps/<fsid>`: kept bootstraps (both paths).
+//! - `bootstraps/<fsid>`: kept bootstraps (both paths);
+//! - `manifests/<hex>`: kept manifests of registry images (offline
+//!   registration), referenced by a registered image pinned to that digest.
 //!
 //! The registry lock is held from deciding what is referenced to the last
 //! unlink, so a registration cannot slip in between: it inserts the image
@@ -31,6 +33,8 @@ pub struct GcReport {
     pub blobs: usize,
     pub bootstraps: usize,
     pub state_files: usize,
+    #[serde(default)]
+    pub manifests: usize,
     /// Disk space freed (allocated blocks of the removed files).
     pub freed_bytes: u64,
     /// Unreferenced files left because their grace period has not passed.
@@ -53,8 +57,12 @@ pub fn collect(
     let registry = lock(&daemon.registry);
     let mut blobs = HashSet::new();
     let mut fsids = HashSet::new();
+    let mut manifests = HashSet::new();
     for img in registry.images() {
         fsids.insert(img.fsid.clone());
+        if let Some((_, d)) = img.source.rsplit_once("@sha256:") {
+            manifests.insert(d.to_string());
+        }
         for b in &img.blobs {
             blobs.insert(b.digest.hex());
         }
@@ -114,21 +122,26 @@ pub fn collect(
     let n_boot = sweep(&cache_dir.join("bootstraps"), &|name| {
         is_hex(name).then(|| fsids.contains(name))
     });
+    let n_manifests = sweep(&cache_dir.join("manifests"), &|name| {
+        is_hex(name).then(|| manifests.contains(name))
+    });
     let report = GcReport {
         blobs: n_blobs,
         bootstraps: n_boot,
         state_files: n_state,
+        manifests: n_manifests,
         freed_bytes,
         waiting,
     };
     // Forget files that went away or became referenced again.
     seen.retain(|p, _| still.contains(p));
     drop(registry);
-    if report.blobs + report.bootstraps + report.state_files > 0 {
+    if report.blobs + report.bootstraps + report.state_files + report.manifests > 0 {
         tracing::info!(
             blobs = report.blobs,
             bootstraps = report.bootstraps,
             state_files = report.state_files,
+            manifests = report.manifests,
             freed_bytes = report.freed_bytes,
             "collected cache data no registered image references"
         );

@@ -33,6 +33,9 @@ pub struct Image {
     pub direct_io_mounts: std::sync::Mutex<Vec<(std::path::PathBuf, bool)>>,
     /// Unix seconds: when this worker registered (or adopted) the image.
     pub registered_at: u64,
+    /// Pulled for keeping (`kite pull`): a last unmount or the
+    /// snapshotter's removal leaves it registered; `kite rm` forgets it.
+    pub kept: std::sync::atomic::AtomicBool,
 }
 
 impl Image {
@@ -186,6 +189,7 @@ impl Registry {
             chunk_size: p.chunk_size,
             direct_io_mounts: std::sync::Mutex::new(Vec::new()),
             registered_at: crate::unix_now(),
+            kept: std::sync::atomic::AtomicBool::new(false),
         });
         self.images.insert(p.fsid, Arc::clone(&img));
         img

@@ -310,6 +310,7 @@ pub async fn images(socket: &Path, json: bool) -> Result<()> {
                 "fetched": fetched,
                 "registered_at": i.registered_at,
                 "last_miss": i.last_miss,
+                "kept": i.kept,
                 "mounts": mountpoints_of(&i.fsid),
             })
         })
@@ -333,7 +334,11 @@ pub async fn images(socket: &Path, json: bool) -> Result<()> {
             100.0 * fetched as f64 / size.max(1) as f64,
             ago(i.last_miss),
             mountpoints_of(&i.fsid).len(),
-            i.source
+            if i.kept {
+                format!("{} (pulled)", i.source)
+            } else {
+                i.source.clone()
+            }
         );
     }
     Ok(())
@@ -379,7 +384,7 @@ pub async fn rm(image: &str, socket: &Path) -> Result<()> {
                 .join(", ")
         );
     }
-    client.unregister(&img.fsid).await?;
+    client.remove(&img.fsid).await?;
     println!(
         "removed {} (fsid {}); its cache data goes at the next collection (`kite gc` now)",
         img.source, img.fsid
@@ -387,14 +392,77 @@ pub async fn rm(image: &str, socket: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `kite pull REF`: register the image and fetch every chunk it can read;
+/// waits until the image is complete on this node.
+pub async fn pull(image: &str, socket: &Path, plain_http: bool, platform: String) -> Result<()> {
+    let MountSource::Image(image) = MountSource::parse(image, plain_http, None, None, platform)?
+    else {
+        bail!("{image}: kite pull takes a registry reference (HOST[:PORT]/REPO[:TAG|@DIGEST])");
+    };
+    let client = Client::new(socket);
+    let reg = client
+        .register(&RegisterRequest {
+            image: Some(image.clone()),
+            ..Default::default()
+        })
+        .await
+        .context("registering the image with the daemon")?;
+    let label = reg.pinned.clone().unwrap_or(image.reference.clone());
+    let state = |images: &[kite_daemon::api::ImageStatus]| -> Option<(u64, u64, u64)> {
+        let img = images.iter().find(|i| i.fsid == reg.fsid)?;
+        Some((
+            img.blobs.iter().map(|b| b.missing_chunks).sum(),
+            img.blobs.iter().map(|b| b.fetched_bytes).sum(),
+            img.blobs.iter().map(|b| b.uncompressed_size).sum(),
+        ))
+    };
+    let queued = client.pull(&reg.fsid).await?;
+    eprintln!("pulling {label}: {queued} chunks to fetch");
+    let mut last = (u64::MAX, std::time::Instant::now());
+    let mut retries = 0;
+    loop {
+        let Some((missing, fetched, total)) = state(&client.images().await?) else {
+            bail!(
+                "the daemon no longer has image {} (removed while pulling?)",
+                reg.fsid
+            );
+        };
+        if missing == 0 {
+            println!(
+                "pulled {label} (fsid {}): {} of {} on this node, complete",
+                reg.fsid,
+                crate::mib(fetched),
+                crate::mib(total)
+            );
+            return Ok(());
+        }
+        if missing < last.0 {
+            last = (missing, std::time::Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(30) {
+            // Failed fetches are not retried by the prefetcher: queue
+            // what is missing again, a few times, then give up.
+            retries += 1;
+            if retries > 3 {
+                bail!(
+                    "pull of {label} stalled with {missing} chunks missing (is the registry reachable? `kite daemon` logs say why); run `kite pull` again to resume"
+                );
+            }
+            client.pull(&reg.fsid).await?;
+            last.1 = std::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// `kite gc`.
 pub async fn gc(socket: &Path) -> Result<()> {
     let r = Client::new(socket).gc(0).await?;
     println!(
-        "collected {} blob files, {} bootstraps, {} state files: {} freed",
+        "collected {} blob files, {} bootstraps, {} state files, {} manifests: {} freed",
         r.blobs,
         r.bootstraps,
         r.state_files,
+        r.manifests,
         crate::mib(r.freed_bytes)
     );
     Ok(())

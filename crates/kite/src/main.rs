@@ -225,6 +225,20 @@ enum Cmd {
         #[arg(long, env = "KITE_SOCKET", default_value = lazy::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Fetch a whole registry image into the node's cache and keep it
+    /// registered, so it mounts and runs without the registry later.
+    /// Resumable (run it again) and verified chunk by chunk.
+    Pull {
+        /// HOST[:PORT]/REPO[:TAG|@DIGEST]
+        image: String,
+        #[arg(long, env = "KITE_SOCKET", default_value = lazy::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Allow plain HTTP to a registry that is not on loopback.
+        #[arg(long)]
+        plain_http: bool,
+        #[arg(long, default_value = "linux/amd64")]
+        platform: String,
+    },
     /// Delete cache data that no registered image references, now.
     Gc {
         #[arg(long, env = "KITE_SOCKET", default_value = lazy::DEFAULT_SOCKET)]
@@ -461,6 +475,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Images { socket, json } => runtime()?.block_on(lazy::images(&socket, json))?,
         Cmd::Rm { image, socket } => runtime()?.block_on(lazy::rm(&image, &socket))?,
         Cmd::Gc { socket } => runtime()?.block_on(lazy::gc(&socket))?,
+        Cmd::Pull {
+            image,
+            socket,
+            plain_http,
+            platform,
+        } => runtime()?.block_on(lazy::pull(&image, &socket, plain_http, platform))?,
         Cmd::Umount { mountpoint, socket } => {
             runtime()?.block_on(lazy::umount(&mountpoint, &socket))?
         }

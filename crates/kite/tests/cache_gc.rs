@@ -177,7 +177,12 @@ fn the_daemon_collects_by_itself_after_the_grace_period() {
     }
     let dir = tempdir();
     let d = dir.path();
-    let (c1, _) = pair(d);
+    // Not the pair: tests run side by side, and an image's fsid (and so
+    // its mounts on this host) would be shared with the other test's.
+    let img = d.join("img");
+    py("ocigen.py", &["example", img.to_str().unwrap()]);
+    let c1 = d.join("conv");
+    convert(&format!("oci:{}", img.display()), &c1, &[]);
     std::fs::create_dir_all(d.join("daemon")).unwrap();
     let daemon = Daemon::start(&d.join("daemon"), &["--gc-grace", "2"]);
     let m1 = d.join("mnt1");

@@ -1015,3 +1015,101 @@ fn readers_in_flight_when_the_token_is_revoked_share_one_new_token() {
         daemon.log_text()
     );
 }
+
+#[test]
+fn offline_an_image_used_before_mounts_misses_fail_fast_and_recover_and_a_pulled_one_runs_whole() {
+    let Some((dir, mut reg)) = setup_mounting(
+        "offline_an_image_used_before_mounts_misses_fail_fast_and_recover_and_a_pulled_one_runs_whole",
+    ) else {
+        return;
+    };
+    let d = dir.path();
+    let reference = format!("{}/kite/example:v1", reg.addr);
+    let (_, conv, pinned) = convert_and_push(d, &["example"], &reference);
+    // The reference tree, from local blobs.
+    let raw = d.join("raw");
+    std::fs::create_dir_all(&raw).unwrap();
+    let devices = unpack_all(&conv, &raw);
+    let reference_mount = Mount::erofs(&conv.join("bootstrap"), &devices, &d.join("ref")).unwrap();
+    let want = read_all(&d.join("ref"));
+    drop(reference_mount);
+    let hello = PathBuf::from("opt/app/bin/hello.sh");
+    let manual = PathBuf::from("usr/share/doc/demo/manual.txt");
+
+    let daemon = start_daemon(&d.join("daemon"));
+    let mnt = d.join("mnt");
+    // Used before: one small file read, then unmounted (and forgotten).
+    ok(mount_ref(&daemon, &pinned, &mnt), "mount online");
+    assert_eq!(std::fs::read(mnt.join(&hello)).unwrap(), want[&hello]);
+    umount(&daemon, &mnt);
+
+    // The registry goes away. The image mounts from what the node kept.
+    reg.kill();
+    let t = Instant::now();
+    let out = ok(mount_ref(&daemon, &pinned, &mnt), "mount offline");
+    eprintln!("offline mount in {:?}: {out}", t.elapsed());
+    assert!(daemon
+        .log_text()
+        .contains("registering from the manifest and bootstrap kept on this node"));
+    assert_eq!(std::fs::read(mnt.join(&hello)).unwrap(), want[&hello]);
+    // Data never fetched: an error, soon; never zeros.
+    let t = Instant::now();
+    let e = std::fs::read(mnt.join(&manual)).unwrap_err();
+    let failed_after = t.elapsed();
+    assert_eq!(e.raw_os_error(), Some(5), "{e}");
+    eprintln!("a miss with the registry down failed after {failed_after:?}");
+    assert!(failed_after < Duration::from_secs(15), "{failed_after:?}");
+    // The registry is back: the same mount reads it, no remount.
+    reg.restart();
+    std::thread::sleep(Duration::from_millis(2500)); // the failure is remembered 2 s
+    assert!(
+        std::fs::read(mnt.join(&manual)).unwrap() == want[&manual],
+        "wrong bytes after the registry came back"
+    );
+    umount(&daemon, &mnt);
+
+    // kite pull: the whole image, kept registered; then it runs whole
+    // with the registry down.
+    let out = ok(
+        kite_with(
+            &["pull", &pinned, "--socket", daemon.socket.to_str().unwrap()],
+            &[],
+            None,
+        ),
+        "kite pull",
+    );
+    assert!(out.contains("complete"), "{out}");
+    let status = daemon.status();
+    let missing: u64 = status["images"][0]["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["missing_chunks"].as_u64().unwrap())
+        .sum();
+    assert_eq!(missing, 0);
+    reg.kill();
+    ok(
+        mount_ref(&daemon, &pinned, &mnt),
+        "mount the pulled image offline",
+    );
+    assert!(
+        read_all(&mnt) == want,
+        "the pulled image reads differently offline"
+    );
+    // A last unmount keeps a pulled image registered; kite rm forgets it.
+    umount(&daemon, &mnt);
+    assert_eq!(daemon.status()["images"].as_array().unwrap().len(), 1);
+    let fsid = daemon.status()["images"][0]["fsid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(
+        kite_with(
+            &["rm", &fsid, "--socket", daemon.socket.to_str().unwrap()],
+            &[],
+            None,
+        ),
+        "kite rm",
+    );
+    assert_eq!(daemon.status()["images"].as_array().unwrap().len(), 0);
+}
