@@ -257,6 +257,8 @@ pub struct ApiContext {
     pub adopted: std::sync::atomic::AtomicUsize,
     /// Files the collector found unreferenced, and since when.
     pub gc_seen: crate::gc::Unreferenced,
+    /// `--cache-size` in bytes (0: no bound).
+    pub cache_bound: u64,
 }
 
 /// `/v1/images/<fsid>/<sub>` -> `fsid` (for that `sub` only).
@@ -493,43 +495,7 @@ async fn handle(
                 // removal leaves it; `kite rm` forces.
                 return Ok(json(StatusCode::OK, &serde_json::json!({ "kept": fsid })));
             }
-            // Save what was fetched before the blobs are forgotten.
-            let (img, state_dir) = match ctx.daemon.registry.lock() {
-                Ok(r) => (r.image(fsid), r.state_dir().map(Path::to_path_buf)),
-                Err(_) => (None, None),
-            };
-            if let (Some(img), Some(dir)) = (&img, &state_dir) {
-                crate::persist(
-                    &ctx.daemon,
-                    ctx.fanotify.as_deref(),
-                    dir,
-                    Some(img.blobs.clone()),
-                );
-            }
-            let removed = ctx
-                .daemon
-                .registry
-                .lock()
-                .map(|mut r| r.unregister(fsid))
-                .unwrap_or(false);
-            if let (Some(img), Some(fan)) = (&img, &ctx.fanotify) {
-                let unused: Vec<_> = match ctx.daemon.registry.lock() {
-                    Ok(r) => img
-                        .blobs
-                        .iter()
-                        .filter(|b| r.blob(&b.digest).is_none())
-                        .map(|b| b.digest)
-                        .collect(),
-                    Err(_) => Vec::new(),
-                };
-                fan.forget(&unused);
-            }
-            if removed {
-                crate::adopt::remove(&ctx.run_dir, fsid);
-            }
-            if let (true, Some(fan)) = (removed, &ctx.fanotify) {
-                fan.unpin(fsid);
-            }
+            let removed = forget_image(&ctx, fsid);
             if removed {
                 json(StatusCode::OK, &serde_json::json!({ "removed": fsid }))
             } else {
@@ -539,6 +505,50 @@ async fn handle(
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
     };
     Ok(resp)
+}
+
+/// Forget a registered image: save what was fetched, unregister it, let
+/// the fanotify path forget blobs no other image uses, drop its record.
+/// Its cache data stays until collected. False if it was not registered.
+pub(crate) fn forget_image(ctx: &ApiContext, fsid: &str) -> bool {
+    // Save what was fetched before the blobs are forgotten.
+    let (img, state_dir) = match ctx.daemon.registry.lock() {
+        Ok(r) => (r.image(fsid), r.state_dir().map(Path::to_path_buf)),
+        Err(_) => (None, None),
+    };
+    if let (Some(img), Some(dir)) = (&img, &state_dir) {
+        crate::persist(
+            &ctx.daemon,
+            ctx.fanotify.as_deref(),
+            dir,
+            Some(img.blobs.clone()),
+        );
+    }
+    let removed = ctx
+        .daemon
+        .registry
+        .lock()
+        .map(|mut r| r.unregister(fsid))
+        .unwrap_or(false);
+    if let (Some(img), Some(fan)) = (&img, &ctx.fanotify) {
+        let unused: Vec<_> = match ctx.daemon.registry.lock() {
+            Ok(r) => img
+                .blobs
+                .iter()
+                .filter(|b| r.blob(&b.digest).is_none())
+                .map(|b| b.digest)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        fan.forget(&unused);
+    }
+    if removed {
+        crate::adopt::remove(&ctx.run_dir, fsid);
+    }
+    if let (true, Some(fan)) = (removed, &ctx.fanotify) {
+        fan.unpin(fsid);
+    }
+    removed
 }
 
 /// `kite pull`: queue every chunk of `img` not on disk for the

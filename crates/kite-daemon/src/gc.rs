@@ -1,4 +1,7 @@
-//! Collecting cache data that no registered image references: `kite gc`
+//! Collecting cache data that no registered image references, and keeping
+//! the cache under `--cache-size` ([`enforce_bound`]).
+//!
+//! Collection: `kite gc`
 //! (`POST /v1/gc`), the containerd snapshotter after it removes an image,
 //! and a sweep every minute that collects what has been unreferenced for
 //! the grace period (`kite daemon --gc-grace`).
@@ -147,6 +150,97 @@ pub fn collect(
         );
     }
     report
+}
+
+/// Allocated bytes of the cache's files (blob files count what is on
+/// disk, not their sparse size).
+pub fn cache_usage(cache_dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    ["blobs", "bootstraps", "kite-state", "manifests"]
+        .iter()
+        .filter_map(|sub| std::fs::read_dir(cache_dir.join(sub)).ok())
+        .flat_map(|rd| rd.flatten())
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+/// What one pass of [`enforce_bound`] did.
+#[derive(Debug, Clone, Default)]
+pub struct Enforced {
+    pub usage_before: u64,
+    pub usage_after: u64,
+    /// Images forgotten to make room (fsids), least recently used first.
+    pub evicted: Vec<String>,
+}
+
+/// Keep the cache under `bound` bytes: first collect what no registered
+/// image references (ignoring the grace period), then forget registered
+/// images that nothing mounts and that were not pulled for keeping, least
+/// recently used first (last miss, else registration), collecting after
+/// each. Mounted images are never touched: if their data alone exceeds the
+/// bound, the cache stays over it (the caller warns). Whole images go at
+/// a time; their blob files are deleted, never punched while watched.
+///
+/// A mount racing with the eviction of its image (registered, not yet
+/// mounted) fails to find the image's files: an error, never wrong bytes.
+pub fn enforce_bound(ctx: &crate::api::ApiContext, bound: u64) -> Enforced {
+    let usage_before = cache_usage(&ctx.cache_dir);
+    let mut done = Enforced {
+        usage_before,
+        usage_after: usage_before,
+        evicted: Vec::new(),
+    };
+    if usage_before <= bound {
+        return done;
+    }
+    collect(&ctx.daemon, &ctx.cache_dir, &ctx.gc_seen, Duration::ZERO);
+    done.usage_after = cache_usage(&ctx.cache_dir);
+    if done.usage_after <= bound {
+        return done;
+    }
+    let mounted: HashSet<String> = kite_kernel::mount::erofs_mounts()
+        .into_iter()
+        .map(|m| m.fsid)
+        .collect();
+    let mut candidates: Vec<(u64, String)> = lock(&ctx.daemon.registry)
+        .images()
+        .iter()
+        .filter(|i| !i.kept.load(std::sync::atomic::Ordering::Relaxed))
+        .filter(|i| !mounted.contains(&i.fsid))
+        .map(|i| {
+            let last_miss = i
+                .blobs
+                .iter()
+                .map(|b| b.last_miss.load(std::sync::atomic::Ordering::Relaxed))
+                .max()
+                .unwrap_or(0);
+            (last_miss.max(i.registered_at), i.fsid.clone())
+        })
+        .collect();
+    candidates.sort();
+    for (_, fsid) in candidates {
+        if done.usage_after <= bound {
+            break;
+        }
+        // Mounted meanwhile: leave it.
+        if kite_kernel::mount::erofs_mounts()
+            .iter()
+            .any(|m| m.fsid == fsid)
+        {
+            continue;
+        }
+        if crate::api::forget_image(ctx, &fsid) {
+            crate::metrics::record_eviction();
+            collect(&ctx.daemon, &ctx.cache_dir, &ctx.gc_seen, Duration::ZERO);
+            let usage = cache_usage(&ctx.cache_dir);
+            tracing::info!(%fsid, freed = done.usage_after.saturating_sub(usage), usage, bound, "evicted an unmounted image to keep the cache under its bound");
+            done.usage_after = usage;
+            done.evicted.push(fsid);
+        }
+    }
+    done
 }
 
 #[cfg(test)]

@@ -105,6 +105,9 @@ pub struct DaemonConfig {
     /// Cache data unreferenced this long is collected by a sweep every
     /// minute (zero: only `kite gc` collects).
     pub gc_grace: Duration,
+    /// Keep the cache's files under this many bytes by evicting
+    /// unmounted images (none: unbounded).
+    pub cache_size: Option<u64>,
 }
 
 impl Default for DaemonConfig {
@@ -120,6 +123,7 @@ impl Default for DaemonConfig {
             pin_metadata: 256 << 20,
             metrics_addr: None,
             gc_grace: Duration::from_secs(600),
+            cache_size: None,
         }
     }
 }
@@ -227,6 +231,7 @@ pub async fn run(cfg: DaemonConfig, h: Handoff) -> Result<(), DaemonError> {
         },
         adopted: Default::default(),
         gc_seen: Default::default(),
+        cache_bound: cfg.cache_size.unwrap_or(0),
     });
     // Adopt before the first kernel request is read: every blob file and
     // cache object the kernel may ask about must be known (an unknown
@@ -276,6 +281,37 @@ pub async fn run(cfg: DaemonConfig, h: Handoff) -> Result<(), DaemonError> {
                     gc::collect(&ctx.daemon, &ctx.cache_dir, &ctx.gc_seen, grace)
                 })
                 .await;
+            }
+        })
+    });
+    // The size bound: checked every 2 s (a scan of the cache's few
+    // directories); over it, unreferenced data goes, then unmounted images,
+    // least recently used first. Over it with only mounted images left:
+    // a warning a minute.
+    let bounder = cfg.cache_size.map(|bound| {
+        let ctx = Arc::clone(&ctx);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut warned: Option<std::time::Instant> = None;
+            loop {
+                tick.tick().await;
+                let c = Arc::clone(&ctx);
+                let Ok(done) =
+                    tokio::task::spawn_blocking(move || gc::enforce_bound(&c, bound)).await
+                else {
+                    continue;
+                };
+                if done.usage_after > bound
+                    && warned.is_none_or(|t| t.elapsed() > Duration::from_secs(60))
+                {
+                    warned = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        usage = done.usage_after,
+                        bound,
+                        "the cache is over its bound (--cache-size) with only mounted or pulled images left: their data stays; raise the bound or unmount images"
+                    );
+                }
             }
         })
     });
@@ -343,7 +379,7 @@ pub async fn run(cfg: DaemonConfig, h: Handoff) -> Result<(), DaemonError> {
     // API clients in the socket's backlog for the next worker too.
     serve.abort();
     api.abort();
-    for t in [&metrics, &sweeper].into_iter().flatten() {
+    for t in [&metrics, &sweeper, &bounder].into_iter().flatten() {
         t.abort();
     }
     let _ = (&mut serve).await;

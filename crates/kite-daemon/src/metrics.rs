@@ -4,12 +4,14 @@
 //! Two kinds, both named `kite_*` in base units:
 //! - **live** metrics, updated where things happen: backend fetch latency
 //!   (histogram) and outcome, bytes fetched by source, chunks refused as
-//!   corrupt ([`record_fetch`], [`record_corrupt`]). They live for the
+//!   corrupt, images evicted ([`record_fetch`], [`record_corrupt`],
+//!   [`record_eviction`]). They live for the
 //!   process; a new worker starts them from zero, which Prometheus reads
 //!   as a counter reset.
 //! - **collected** metrics, read from the worker's state at each scrape
 //!   ([`StateCollector`]): kernel requests and failures by path, requests in
-//!   flight, images registered and mounted, cache bytes held, and each
+//!   flight, images registered and mounted, cache bytes held and on disk,
+//!   the bound, and each
 //!   image's fetched fraction (labelled by fsid: one series per image,
 //!   never per chunk).
 //!
@@ -43,6 +45,7 @@ pub struct Live {
     fetches: Family<OutcomeLabels, Counter>,
     fetched_bytes: Family<SourceLabel, Counter>,
     corrupt_chunks: Counter,
+    evictions: Counter,
 }
 
 fn fetch_histogram() -> Histogram {
@@ -58,6 +61,7 @@ pub fn live() -> &'static Live {
         fetches: Family::default(),
         fetched_bytes: Family::default(),
         corrupt_chunks: Counter::default(),
+        evictions: Counter::default(),
     })
 }
 
@@ -96,6 +100,11 @@ pub fn record_fetch(source: &'static str, seconds: f64, outcome: FetchOutcome) {
 /// A chunk whose stored bytes failed verification (never cached).
 pub fn record_corrupt() {
     live().corrupt_chunks.inc();
+}
+
+/// An image forgotten to keep the cache under its bound.
+pub fn record_eviction() {
+    live().evictions.inc();
 }
 
 /// Metrics read from the worker's state at each scrape.
@@ -169,6 +178,22 @@ impl Collector for StateCollector {
             Some(&Unit::Bytes),
             held as i64,
         )?;
+        gauge(
+            &mut enc,
+            "cache_disk",
+            "Disk space the cache's files take (blob files, state, bootstraps, manifests)",
+            Some(&Unit::Bytes),
+            crate::gc::cache_usage(&self.ctx.cache_dir) as i64,
+        )?;
+        if self.ctx.cache_bound > 0 {
+            gauge(
+                &mut enc,
+                "cache_bound",
+                "The cache's size bound (--cache-size)",
+                Some(&Unit::Bytes),
+                self.ctx.cache_bound as i64,
+            )?;
+        }
         let g = ConstGauge::new(0.0f64);
         let mut fam = enc.encode_descriptor(
             "kite_image_fetched_ratio",
@@ -238,6 +263,11 @@ pub fn registry(ctx: Arc<ApiContext>) -> Registry {
         "Stored (compressed) bytes received from each source",
         Unit::Bytes,
         l.fetched_bytes.clone(),
+    );
+    k.register(
+        "evictions",
+        "Unmounted images forgotten (and their data deleted) to keep the cache under --cache-size",
+        l.evictions.clone(),
     );
     k.register(
         "corrupt_chunks",

@@ -22,6 +22,7 @@ pub struct DaemonArgs {
     pub pin_metadata: u64,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub gc_grace: u64,
+    pub cache_size: Option<u64>,
 }
 
 /// `--kernel-path`: None for `auto`.
@@ -53,6 +54,7 @@ pub async fn daemon(a: DaemonArgs, registry: kite_registry::ClientConfig) -> Res
         pin_metadata: a.pin_metadata,
         metrics_addr: a.metrics_addr,
         gc_grace: Duration::from_secs(a.gc_grace),
+        cache_size: a.cache_size,
         ..Default::default()
     };
     let handoff = kite_daemon::Handoff {

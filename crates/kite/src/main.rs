@@ -142,6 +142,11 @@ enum Cmd {
         /// this many seconds (checked every minute; 0: only `kite gc`).
         #[arg(long, value_name = "SECS", default_value_t = 600)]
         gc_grace: u64,
+        /// Keep the cache's files under SIZE (e.g. 50G, 512M): unreferenced
+        /// data goes first, then unmounted images, least recently used
+        /// first; mounted images are never evicted. Unbounded if unset.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        cache_size: Option<u64>,
         /// Replace a running daemon on the same socket (e.g. with a new
         /// binary): it answers what it holds and hands the kernel
         /// interface over; no request is dropped.
@@ -305,6 +310,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// A size: bytes, or a number with K, M, G or T (powers of 1024; an
+/// optional trailing B or iB).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 50G, 512M, 1073741824)"))?;
+    if !(n.is_finite() && n > 0.0) {
+        return Err(format!("{s:?}: a size must be positive"));
+    }
+    Ok((n * (1u64 << shift) as f64) as u64)
+}
+
 /// Bytes for people: B, KiB, MiB or GiB.
 fn mib(b: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
@@ -363,6 +393,7 @@ fn run(cli: Cli) -> Result<()> {
             pin_metadata_mib,
             metrics_addr,
             gc_grace,
+            cache_size,
             takeover,
             worker,
             keeper,
@@ -414,6 +445,7 @@ fn run(cli: Cli) -> Result<()> {
                     pin_metadata: pin_metadata_mib << 20,
                     metrics_addr,
                     gc_grace,
+                    cache_size,
                 },
                 reg,
             ))?;
@@ -706,4 +738,21 @@ fn mode_string(mode: u16) -> String {
         s.push(ch);
     }
     s
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_in_powers_of_1024_and_nonsense_is_refused() {
+        assert_eq!(parse_size("50G"), Ok(50 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("2TB"), Ok(2 << 40));
+        for bad in ["", "G", "-1G", "0", "ten", "1.5.2M"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -216,3 +216,129 @@ fn the_daemon_collects_by_itself_after_the_grace_period() {
     );
     assert!(names(&d.join("daemon/cache/bootstraps"), "").is_empty());
 }
+
+/// Allocated bytes of the cache's files.
+fn cache_usage(cache: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    ["blobs", "bootstraps", "kite-state", "manifests"]
+        .iter()
+        .filter_map(|s| std::fs::read_dir(cache.join(s)).ok())
+        .flat_map(|rd| rd.flatten())
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+fn registered(daemon: &Daemon) -> BTreeSet<String> {
+    daemon.status()["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["fsid"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Wait until `ok()` holds (the bound is checked every 2 s).
+fn eventually(what: &str, daemon: &Daemon, ok: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !ok() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{what}: not after {:?}\n{}",
+            t.elapsed(),
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_size_bound_evicts_unmounted_images_least_recently_used_first_never_a_mounted_one() {
+    if !require(
+        "the_size_bound_evicts_unmounted_images_least_recently_used_first_never_a_mounted_one",
+        fanotify_path(),
+    ) {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    // Four images of 12-15 MiB each (10-13 MiB of data, a 2 MiB busybox):
+    // 3x the bound together.
+    let bound: u64 = 18 << 20;
+    let convs: Vec<PathBuf> = (0..4)
+        .map(|i| {
+            let img = d.join(format!("img{i}"));
+            py(
+                "ocigen.py",
+                &[
+                    "runnable",
+                    img.to_str().unwrap(),
+                    "--payload-mb",
+                    &(10 + i).to_string(),
+                    "--message",
+                    &format!("image {i}"),
+                ],
+            );
+            let conv = d.join(format!("conv{i}"));
+            convert(&format!("oci:{}", img.display()), &conv, &[]);
+            conv
+        })
+        .collect();
+    let fsids: Vec<String> = convs.iter().map(|c| fsid(c)).collect();
+    std::fs::create_dir_all(d.join("daemon")).unwrap();
+    let daemon = Daemon::start(
+        &d.join("daemon"),
+        &["--cache-size", "18M", "--gc-grace", "0"],
+    );
+    let cache = daemon.cache.clone();
+    // Each image in turn: mounted, read whole, then unmounted without
+    // being forgotten (plain umount): registered, unmounted, evictable.
+    let mut contents = Vec::new();
+    let mut mounts = Vec::new();
+    for (i, conv) in convs.iter().enumerate() {
+        let mnt = d.join(format!("mnt{i}"));
+        mounts.push(daemon.mount(conv, &mnt, &[]));
+        contents.push(read_all(&mnt));
+        if i < 3 {
+            plain_umount(&mnt);
+        }
+        // Whatever is mounted fits: the bound holds after each step.
+        eventually("the cache under its bound", &daemon, || {
+            cache_usage(&cache) <= bound
+        });
+    }
+    // Only the mounted image is left registered; the others were evicted,
+    // oldest first.
+    assert_eq!(registered(&daemon), BTreeSet::from([fsids[3].clone()]));
+    let log = daemon.log_text();
+    let order: Vec<usize> = (0..3)
+        .map(|i| {
+            log.lines()
+                .position(|l| l.contains("evicted an unmounted image") && l.contains(&fsids[i]))
+                .unwrap_or_else(|| panic!("image {i} was not evicted:\n{log}"))
+        })
+        .collect();
+    assert!(
+        order[0] < order[1] && order[1] < order[2],
+        "eviction order {order:?}"
+    );
+    // The mounted image reads the same, cold.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert!(read_all(&d.join("mnt3")) == contents[3]);
+
+    // Two mounted images over the bound: a warning, and both read right.
+    let l0 = daemon.mount(&convs[0], &d.join("mnt0"), &[]);
+    assert!(
+        read_all(&d.join("mnt0")) == contents[0],
+        "image 0 after its eviction"
+    );
+    eventually("the over-bound warning", &daemon, || {
+        daemon.log_text().contains("the cache is over its bound")
+    });
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert!(read_all(&d.join("mnt0")) == contents[0]);
+    assert!(read_all(&d.join("mnt3")) == contents[3]);
+    assert_eq!(registered(&daemon).len(), 2, "a mounted image was evicted");
+    drop(l0);
+    drop(mounts);
+}
