@@ -462,9 +462,20 @@ async fn handle(
         }
         (Method::POST, "/v1/gc") => {
             let body = req.into_body().collect().await?.to_bytes();
-            let grace = serde_json::from_slice::<GcRequest>(&body)
-                .map(|g| g.grace_secs)
-                .unwrap_or(0);
+            let grace = if body.is_empty() {
+                Ok(0)
+            } else {
+                serde_json::from_slice::<GcRequest>(&body).map(|g| g.grace_secs)
+            };
+            let grace = match grace {
+                Ok(g) => g,
+                Err(e) => {
+                    return Ok(error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("bad request body: {e}"),
+                    ))
+                }
+            };
             let c = Arc::clone(&ctx);
             match tokio::task::spawn_blocking(move || {
                 crate::gc::collect(
@@ -573,16 +584,30 @@ async fn pull(ctx: &Arc<ApiContext>, img: &crate::registry::Image) -> Result<usi
         }
         let path = ctx.cache_dir.join("blobs").join(b.digest.hex());
         let at = b.chunk_offset(first);
-        // The read waits for the daemon's own answer: not on a worker.
-        tokio::task::spawn_blocking(move || {
+        // The read waits for the daemon's own answer. A plain thread, not
+        // the blocking pool: a worker told to stop must not wait for it
+        // (the next worker answers the event; the thread dies with us).
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
             use std::os::unix::fs::FileExt;
-            let f = std::fs::File::open(&path)?;
-            let mut one = [0u8; 1];
-            f.read_at(&mut one, at).map(|_| ())
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("reading blob {} to start its pull: {e}", b.digest))?;
+            let r = std::fs::File::open(&path).and_then(|f| {
+                let mut one = [0u8; 1];
+                f.read_at(&mut one, at).map(|_| ())
+            });
+            let _ = tx.send(r);
+        });
+        match tokio::time::timeout(ctx.fetch_timeout * 2, rx).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                return Err(format!("reading blob {} to start its pull: {e}", b.digest))
+            }
+            Ok(Err(_)) | Err(_) => {
+                return Err(format!(
+                    "reading blob {} to start its pull: no answer in time",
+                    b.digest
+                ))
+            }
+        }
     }
     tracing::info!(fsid = %img.fsid, queued, "pull: missing chunks queued");
     Ok(queued)
@@ -897,12 +922,18 @@ async fn register(
                 what: format!("keeping the bootstrap in {}", boot.display()),
                 source: e,
             })?;
+            // Registered again (an idempotent registration): keep what
+            // the record knew, its mounts and whether it was pulled.
+            let old = crate::adopt::load(&ctx.run_dir, &img.fsid);
             let record = crate::adopt::ImageRecord {
                 fsid: img.fsid.clone(),
                 request,
                 pinned,
-                mountpoints: Vec::new(),
-                kept: false,
+                mountpoints: old
+                    .as_ref()
+                    .map(|o| o.mountpoints.clone())
+                    .unwrap_or_default(),
+                kept: old.is_some_and(|o| o.kept) || img.kept.load(Ordering::Relaxed),
             };
             crate::adopt::save(&ctx.run_dir, &record)?;
             Ok(img)

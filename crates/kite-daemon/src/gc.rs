@@ -14,8 +14,11 @@
 //!   registration), referenced by a registered image pinned to that digest.
 //!
 //! The registry lock is held from deciding what is referenced to the last
-//! unlink, so a registration cannot slip in between: it inserts the image
-//! (under the lock) before it creates any of these files. A file that a
+//! rename into `.trash` (unlinked after the lock is released), so a
+//! registration cannot slip in between: it inserts the image (under the
+//! lock) before it creates any of these files. The one exception, a
+//! registry image's manifest (kept before the image is inserted), is left
+//! alone for its first minute. A file that a
 //! stale mount still has open stays readable through that open file; its
 //! data is gone once the mount goes. On the cachefiles path the kernel's
 //! cache objects of forgotten blobs stay until cachefiles culls them
@@ -57,6 +60,12 @@ pub fn collect(
     seen: &Unreferenced,
     grace: Duration,
 ) -> GcReport {
+    // What an earlier collection parked and did not get to unlink.
+    if let Ok(rd) = std::fs::read_dir(cache_dir.join(".trash")) {
+        for e in rd.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     let registry = lock(&daemon.registry);
     let mut blobs = HashSet::new();
     let mut fsids = HashSet::new();
@@ -74,6 +83,13 @@ pub fn collect(
     let now = Instant::now();
     let mut still = HashSet::new();
     let (mut freed_bytes, mut waiting) = (0u64, 0usize);
+    // Under the lock, doomed files are only renamed into `.trash` (one
+    // directory entry each); they are unlinked after the lock is released,
+    // since freeing a large file's blocks can take a while and the
+    // cachefiles request loop takes the registry lock on OPEN.
+    let trash = cache_dir.join(".trash");
+    let _ = std::fs::create_dir_all(&trash);
+    let mut doomed: Vec<std::path::PathBuf> = Vec::new();
     // Removes the unreferenced files of `dir` that are past their grace;
     // `key` says whether a name is referenced (None: not a file of ours).
     let mut sweep = |dir: &Path, key: &dyn Fn(&str) -> Option<bool>| -> usize {
@@ -100,10 +116,12 @@ pub fn collect(
             let freed = std::fs::symlink_metadata(&path)
                 .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
                 .unwrap_or(0);
-            match std::fs::remove_file(&path) {
+            let parked = trash.join(format!("{}-{name}", doomed.len()));
+            match std::fs::rename(&path, &parked) {
                 Ok(()) => {
                     count += 1;
                     freed_bytes += freed;
+                    doomed.push(parked);
                     tracing::debug!(path = %path.display(), "collected");
                 }
                 Err(err) => {
@@ -125,8 +143,17 @@ pub fn collect(
     let n_boot = sweep(&cache_dir.join("bootstraps"), &|name| {
         is_hex(name).then(|| fsids.contains(name))
     });
+    // A manifest is kept before its image is registered: a young one may
+    // belong to a registration in progress.
+    let young = |name: &str| {
+        std::fs::metadata(cache_dir.join("manifests").join(name))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < Duration::from_secs(60))
+    };
     let n_manifests = sweep(&cache_dir.join("manifests"), &|name| {
-        is_hex(name).then(|| manifests.contains(name))
+        is_hex(name).then(|| manifests.contains(name) || young(name))
     });
     let report = GcReport {
         blobs: n_blobs,
@@ -138,7 +165,13 @@ pub fn collect(
     };
     // Forget files that went away or became referenced again.
     seen.retain(|p, _| still.contains(p));
+    drop(seen);
     drop(registry);
+    for p in doomed {
+        if let Err(e) = std::fs::remove_file(&p) {
+            tracing::warn!(path = %p.display(), "unlinking a collected file: {e}");
+        }
+    }
     if report.blobs + report.bootstraps + report.state_files + report.manifests > 0 {
         tracing::info!(
             blobs = report.blobs,
@@ -166,6 +199,9 @@ pub fn cache_usage(cache_dir: &Path) -> u64 {
         .sum()
 }
 
+/// An image registered or read this recently is not evicted.
+pub const MIN_IDLE_SECS: u64 = 5;
+
 /// What one pass of [`enforce_bound`] did.
 #[derive(Debug, Clone, Default)]
 pub struct Enforced {
@@ -178,8 +214,8 @@ pub struct Enforced {
 /// Keep the cache under `bound` bytes: first collect what no registered
 /// image references (ignoring the grace period), then forget registered
 /// images that nothing mounts and that were not pulled for keeping, least
-/// recently used first (last miss, else registration), collecting after
-/// each. Mounted images are never touched: if their data alone exceeds the
+/// recently used first (last miss, else registration; not within
+/// [`MIN_IDLE_SECS`]), collecting after each. Mounted images are never touched: if their data alone exceeds the
 /// bound, the cache stays over it (the caller warns). Whole images go at
 /// a time; their blob files are deleted, never punched while watched.
 ///
@@ -219,6 +255,10 @@ pub fn enforce_bound(ctx: &crate::api::ApiContext, bound: u64) -> Enforced {
             (last_miss.max(i.registered_at), i.fsid.clone())
         })
         .collect();
+    // Just registered or just used: about to be mounted (a mount
+    // registers first), or in use by a reader between mounts. Left alone.
+    let now = crate::unix_now();
+    candidates.retain(|(last, _)| now.saturating_sub(*last) >= MIN_IDLE_SECS);
     candidates.sort();
     for (_, fsid) in candidates {
         if done.usage_after <= bound {

@@ -70,7 +70,7 @@ impl Core {
             registered: Mutex::new(HashMap::new()),
             overlay_index: Path::new("/sys/module/overlay/parameters/index").exists(),
         };
-        core.cleanup()?;
+        core.sweep(true)?;
         Ok(core)
     }
 
@@ -146,6 +146,15 @@ impl Core {
             }
             let id = tx.next_id()?;
             let dir = self.snap_dir(id);
+            // A fresh id: anything there was left by a crash before the
+            // commit that would have named it.
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {
+                    tracing::info!(dir = %dir.display(), "removed a directory a crashed prepare left")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&dir, e)),
+            }
             let mut dirs = vec![dir.join("fs")];
             if kind == Kind::Active {
                 dirs.push(dir.join("work"));
@@ -365,7 +374,18 @@ impl Core {
     /// Remove what no snapshot names: directories under `snapshots/` and
     /// image mounts under `images/` (containerd calls this after its GC).
     pub fn cleanup(&self) -> Result<(), Error> {
-        let all = self.store.all()?;
+        self.sweep(false)
+    }
+
+    /// Cleanup's work. While serving, ids from the next id on belong to
+    /// snapshots being prepared after the read: their directories are
+    /// left alone. At start nothing is being prepared: every directory
+    /// no record names goes (a crash between mkdir and commit).
+    fn sweep(&self, at_start: bool) -> Result<(), Error> {
+        let (all, next) = self
+            .store
+            .update(|tx| Ok((tx.all()?, tx.peek_next_id()?)))?;
+        let next = if at_start { u64::MAX } else { next };
         let ids: HashSet<String> = all.iter().map(|(_, r)| r.id.to_string()).collect();
         let fsids: HashSet<&str> = all
             .iter()
@@ -377,7 +397,8 @@ impl Core {
             .flatten()
         {
             let name = e.file_name().to_string_lossy().into_owned();
-            if !ids.contains(&name) {
+            let newer = name.parse::<u64>().is_ok_and(|id| id >= next);
+            if !ids.contains(&name) && !newer {
                 tracing::info!(dir = %e.path().display(), "removing a directory no snapshot names");
                 if let Err(err) = std::fs::remove_dir_all(e.path()) {
                     tracing::warn!(dir = %e.path().display(), error = %err, "cleanup");
@@ -456,8 +477,16 @@ impl Core {
                 let reg = self.register(&reference, &what(format!("image {reference}")))?;
                 if reg.fsid != image {
                     // The daemon registered what the reference names now;
-                    // not the image whose layer this is.
-                    let _ = self.rt.block_on(self.daemon.unregister(&reg.fsid));
+                    // not the image whose layer this is. Let it go unless
+                    // something here uses that image.
+                    let known = self
+                        .store
+                        .all()?
+                        .iter()
+                        .any(|(_, r)| r.kite.as_ref().is_some_and(|k| k.fsid == reg.fsid));
+                    if !known && !kite_daemon::mounting::fsid_in_use(&reg.fsid) {
+                        let _ = self.rt.block_on(self.daemon.unregister(&reg.fsid));
+                    }
                     return Err(Error::FailedPrecondition(what(format!(
                         "{reference} has bootstrap sha256:{}, the layer's label says sha256:{image} (was the tag moved during the pull?)",
                         reg.fsid
@@ -487,19 +516,13 @@ impl Core {
                 (
                     KiteLayer {
                         index: pk.index + 1,
+                        layers,
                         ..pk
                     },
                     None,
                 )
             }
         };
-        if kite.index >= kite.layers {
-            return Err(Error::InvalidArgument(what(format!(
-                "layer {} of an image its label says has {}",
-                kite.index + 1,
-                kite.layers
-            ))));
-        }
         let now = SystemTime::now();
         let mut committed_labels = labels.clone();
         committed_labels.insert(labels::KITE_REMOTE.into(), "true".into());
@@ -571,14 +594,9 @@ impl Core {
                 .get(&p)?
                 .ok_or_else(|| Error::NotFound(format!("parent snapshot {p}")))?;
             if let Some(k) = &pr.kite {
-                if !k.is_top() {
-                    return Err(Error::FailedPrecondition(format!(
-                        "snapshot {p} is kite layer {} of {} of image {}: only the image's top layer stands for its files",
-                        k.index + 1,
-                        k.layers,
-                        k.reference
-                    )));
-                }
+                // Any kite layer stands for the whole image: its one
+                // EROFS mount holds every file (the image with and
+                // without a profile layer share their first chain IDs).
                 lowers.push(path_str(&self.ensure_image_mounted(k)?)?);
                 break;
             }
@@ -677,6 +695,21 @@ impl Core {
     /// uses it.
     fn release_image(&self, fsid: &str) {
         let _serial = lock(&self.images);
+        // Pulled again meanwhile: its new snapshots use the mount.
+        match self.store.all() {
+            Ok(all)
+                if all
+                    .iter()
+                    .any(|(_, r)| r.kite.as_ref().is_some_and(|k| k.fsid == fsid)) =>
+            {
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(%fsid, error = %e, "releasing an image: the store cannot be read; left as is");
+                return;
+            }
+        }
         let mp = self.image_dir(fsid);
         if kite_kernel::mount::erofs_mounts()
             .iter()
@@ -1091,11 +1124,30 @@ mod tests {
             containerd_snapshots::Kind::Committed
         );
         assert!(!dir.path().join("root/snapshots/999").exists());
+        // A crash between mkdir and commit while serving leaves the next
+        // id's directory: the next prepare starts it afresh.
+        let stale = dir.path().join("root/snapshots/2/fs/stale");
+        std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+        std::fs::write(&stale, b"left over").unwrap();
+        c.cleanup().unwrap();
+        assert!(
+            stale.exists(),
+            "cleanup while serving removed a next id's directory"
+        );
+        let m = c
+            .prepare("n".into(), String::new(), labels(&[]), Kind::Active)
+            .unwrap();
+        assert!(m[0].source.ends_with("snapshots/2/fs"), "{}", m[0].source);
+        assert!(
+            !stale.exists(),
+            "a new snapshot got a crashed prepare's files"
+        );
         assert_eq!(
             std::fs::read_dir(dir.path().join("root/snapshots"))
                 .unwrap()
                 .count(),
-            1
+            2,
+            "l's directory and n's"
         );
     }
 }

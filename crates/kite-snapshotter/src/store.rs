@@ -38,16 +38,11 @@ pub struct KiteLayer {
     /// The reference the image was registered by (pinned when CRI gave
     /// the manifest digest).
     pub reference: String,
-    /// Position among the manifest's kite layers, and their count: the
-    /// last one is the image's top, the only one containers may use.
+    /// Position among the manifest's kite layers, and their count (as
+    /// the layer's labels said; for logs). Any kite layer stands for the
+    /// whole image.
     pub index: u32,
     pub layers: u32,
-}
-
-impl KiteLayer {
-    pub fn is_top(&self) -> bool {
-        self.index + 1 == self.layers
-    }
 }
 
 /// One snapshot.
@@ -134,6 +129,16 @@ impl<'t> Tx<'t> {
     /// Whether any snapshot has `name` as its parent.
     pub fn has_children(&self, name: &str) -> Result<bool, Error> {
         Ok(self.all()?.iter().any(|(_, r)| r.parent == name))
+    }
+
+    /// The id the next snapshot will get.
+    pub fn peek_next_id(&self) -> Result<u64, Error> {
+        Ok(self
+            .meta
+            .get("next_id")
+            .map_err(|e| internal("next_id")(e.into()))?
+            .map(|v| v.value())
+            .unwrap_or(1))
     }
 
     /// A fresh snapshot id.

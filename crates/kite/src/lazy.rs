@@ -440,6 +440,7 @@ pub async fn pull(image: &str, socket: &Path, plain_http: bool, platform: String
         }
         if missing < last.0 {
             last = (missing, std::time::Instant::now());
+            retries = 0;
         } else if last.1.elapsed() > Duration::from_secs(30) {
             // Failed fetches are not retried by the prefetcher: queue
             // what is missing again, a few times, then give up.
