@@ -1,0 +1,255 @@
+//! The prefetcher: profile chunks (and `kite pull`'s whole blob) queued
+//! per blob, fetched in the background into the last cache object the
+//! kernel path handed over, a bounded number of range requests at a time.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use kite_kernel::cachefiles::CacheObject;
+
+use super::fetch::Waits;
+use super::plan::{self, Reason};
+use super::BlobState;
+
+/// Prefetch fetches: windows of the queue of at most this many stored
+/// bytes are sorted, gaps of at most this many stored bytes between
+/// profile chunks are fetched too, and at most this many range requests
+/// are in flight.
+const PREFETCH_WINDOW_BYTES: u64 = 4 << 20;
+const PREFETCH_GAP_BYTES: u64 = 32 << 10;
+const PREFETCH_REQUESTS: usize = 8;
+
+impl BlobState {
+    /// Queue profile chunks (in profile order) for prefetching, each chunk
+    /// once; they are fetched as soon as a cache object for this blob is
+    /// available ([`BlobState::object_available`]). Returns how many were
+    /// new.
+    pub fn queue_prefetch(self: &Arc<Self>, chunks: &[usize]) -> usize {
+        let added = {
+            let mut st = self.lock();
+            let p = &mut st.prefetch;
+            if p.profiled.is_empty() {
+                p.profiled = vec![false; self.chunks.len()];
+            }
+            let mut added = 0;
+            for &i in chunks {
+                if let Some(b @ false) = p.profiled.get_mut(i) {
+                    *b = true;
+                    p.queue.push(i);
+                    added += 1;
+                }
+            }
+            added
+        };
+        self.kick_prefetch();
+        added
+    }
+
+    /// Queue every needed chunk not on disk for the prefetcher (`kite
+    /// pull`), again if an earlier attempt failed: it starts once the
+    /// blob's cache object is available. Returns the first such chunk (the
+    /// caller may read it to make the object available) and how many were
+    /// queued.
+    pub fn queue_missing(self: &Arc<Self>) -> (Option<usize>, usize) {
+        let missing: Vec<usize> = {
+            let mut st = self.lock();
+            let missing: Vec<usize> = (0..self.chunks.len())
+                .filter(|&i| st.needed.as_ref().is_none_or(|n| n[i]) && !st.fetched[i])
+                .collect();
+            if !st.prefetch.profiled.is_empty() {
+                for &i in &missing {
+                    st.prefetch.profiled[i] = false;
+                }
+            }
+            missing
+        };
+        (missing.first().copied(), self.queue_prefetch(&missing))
+    }
+
+    /// Whether the prefetcher can write into this blob's cache object now.
+    pub fn has_object(&self) -> bool {
+        self.lock().prefetch.object.is_some()
+    }
+
+    /// Whether reads of chunk `i` should add no speculation: a profile
+    /// lists it, so the prefetcher brings (or brought) what the workload
+    /// reads next. Other chunks of the blob keep readahead.
+    pub(super) fn is_profiled(&self, i: usize) -> bool {
+        self.lock()
+            .prefetch
+            .profiled
+            .get(i)
+            .copied()
+            .unwrap_or(false)
+    }
+
+    /// A cache object for this blob can be written now (the kernel opened
+    /// it, or an event handed the daemon a file to fill): remember it (it
+    /// is built only if none is held, outside the lock) and start the
+    /// prefetcher if profile chunks are queued.
+    pub fn object_available(
+        self: &Arc<Self>,
+        object: impl FnOnce() -> Arc<dyn CacheObject>,
+        merge_bound: u64,
+    ) {
+        if !self.has_object() {
+            let built = object();
+            let mut st = self.lock();
+            if st.prefetch.object.is_none() {
+                st.prefetch.object = Some(built);
+                st.prefetch.merge_bound = merge_bound;
+            }
+        }
+        self.kick_prefetch();
+    }
+
+    /// The kernel closed cache object `target` (or the blob is being
+    /// forgotten, `None`): stop writing into it; a running prefetcher
+    /// stops and puts what it had not asked for back in the queue.
+    pub fn object_gone(&self, target: Option<u64>) {
+        let mut st = self.lock();
+        let p = &mut st.prefetch;
+        let ours = match (&p.object, target) {
+            (Some(o), Some(t)) => o.target() == t,
+            (_, None) => true,
+            (None, Some(_)) => false,
+        };
+        if ours {
+            p.object = None;
+            p.generation += 1;
+        }
+    }
+
+    /// Start the prefetcher if there is work, an object and none running.
+    fn kick_prefetch(self: &Arc<Self>) {
+        let (queue, object, merge_bound, generation) = {
+            let mut st = self.lock();
+            let p = &mut st.prefetch;
+            let Some(object) = p.object.clone() else {
+                return;
+            };
+            if p.running || p.queue.is_empty() {
+                return;
+            }
+            p.running = true;
+            (
+                std::mem::take(&mut p.queue),
+                object,
+                p.merge_bound,
+                p.generation,
+            )
+        };
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            me.run_prefetch(queue, object, merge_bound, generation)
+                .await
+        });
+    }
+
+    /// Fetch `queue` roughly in order: a window of the next missing chunks
+    /// (up to [`PREFETCH_WINDOW_BYTES`] stored bytes) is sorted by position
+    /// and the small gaps between its chunks are filled, so neighbouring
+    /// small files become one range request; at most
+    /// [`PREFETCH_REQUESTS`] requests are in flight, so the prefetcher
+    /// never floods the backend. Stops early if the object goes away.
+    async fn run_prefetch(
+        self: Arc<Self>,
+        queue: Vec<usize>,
+        object: Arc<dyn CacheObject>,
+        merge_bound: u64,
+        generation: u64,
+    ) {
+        let started = std::time::Instant::now();
+        let slots = Arc::new(tokio::sync::Semaphore::new(PREFETCH_REQUESTS));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let mut asked = 0usize;
+        let mut k = 0;
+        let current = |me: &Self| me.lock().prefetch.generation == generation;
+        'windows: while k < queue.len() {
+            let runs = {
+                let st = self.lock();
+                let mut window: Vec<usize> = Vec::new();
+                let mut bytes = 0u64;
+                while k < queue.len() && bytes < PREFETCH_WINDOW_BYTES {
+                    let i = queue[k];
+                    if !st.fetched[i] {
+                        window.push(i);
+                        bytes += u64::from(self.chunks[i].compressed_size);
+                    }
+                    k += 1;
+                }
+                let filled =
+                    plan::fill_small_gaps(&self.chunks, &st.fetched, window, PREFETCH_GAP_BYTES);
+                plan::split_runs(&self.chunks, &filled, merge_bound)
+            };
+            for run in runs {
+                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                    break 'windows;
+                };
+                if !current(&self) {
+                    // Not asked for yet: back in the queue for the next object.
+                    break 'windows;
+                }
+                asked += run.len();
+                match self.start_reason(&run, &object, merge_bound, Reason::Prefetch) {
+                    Ok(waits) => {
+                        let me = Arc::clone(&self);
+                        let failed = Arc::clone(&failed);
+                        tokio::spawn(async move {
+                            failed.fetch_add(me.wait_count_failed(waits).await, Ordering::Relaxed);
+                            drop(permit);
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(blob = %self.digest, "prefetch stopped: {e}");
+                        break 'windows;
+                    }
+                }
+            }
+        }
+        // Wait for the last requests.
+        let _ = slots.acquire_many(PREFETCH_REQUESTS as u32).await;
+        let stopped = !current(&self);
+        {
+            let mut st = self.lock();
+            if stopped {
+                // Whatever was not fetched is queued again, in order.
+                let mut rest: Vec<usize> = queue.into_iter().filter(|&i| !st.fetched[i]).collect();
+                rest.append(&mut st.prefetch.queue);
+                st.prefetch.queue = rest;
+            }
+            st.prefetch.running = false;
+        }
+        tracing::info!(
+            blob = %self.digest,
+            chunks = asked,
+            failed = failed.load(Ordering::Relaxed),
+            stopped,
+            secs = started.elapsed().as_secs_f64(),
+            "prefetch done"
+        );
+        // Chunks queued meanwhile (another image's profile).
+        if !stopped {
+            self.kick_prefetch();
+        }
+    }
+
+    /// Wait for `waits`; how many failed (prefetch failures are only
+    /// counted: a reader that needs the chunk fetches it again).
+    async fn wait_count_failed(&self, waits: Waits) -> usize {
+        let mut failed = 0;
+        for (i, mut rx) in waits {
+            let ok = matches!(
+                rx.wait_for(|o| o.is_some()).await.map(|v| v.clone()),
+                Ok(Some(Ok(())))
+            );
+            if ok {
+                self.prefetched_chunks.fetch_add(1, Ordering::Relaxed);
+            } else {
+                failed += 1;
+                tracing::debug!(blob = %self.digest, chunk = i, "prefetch of a chunk failed");
+            }
+        }
+        failed
+    }
+}
