@@ -180,6 +180,9 @@ fn adopt_one(ctx: &ApiContext, rec: &ImageRecord) -> Result<(), DaemonError> {
                 m.push((mp.clone(), false));
             }
         }
+        if !rec.mountpoints.is_empty() {
+            fan.pin(&rec.fsid);
+        }
     }
     Ok(())
 }

@@ -169,6 +169,12 @@ pub struct BlobStatus {
     /// layer blob may hold chunks no file references: never fetched).
     #[serde(default)]
     pub missing_chunks: u64,
+    /// Chunks (and their uncompressed bytes) copied from another blob's
+    /// data on this node instead of fetched (the chunk index).
+    #[serde(default)]
+    pub copied_chunks: u64,
+    #[serde(default)]
+    pub copied_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -226,6 +232,10 @@ pub struct Health {
     /// Images this worker adopted from its predecessor at start.
     #[serde(default)]
     pub adopted_images: usize,
+    /// Chunks the node-wide chunk index knows on disk (sources for local
+    /// copies; fanotify path).
+    #[serde(default)]
+    pub indexed_chunks: u64,
 }
 
 /// Facts about the serving process, for status.
@@ -295,7 +305,7 @@ pub fn images_status(
         .map(|img| ImageStatus {
             fsid: img.fsid.clone(),
             source: img.source.clone(),
-            bootstrap_size: img.bootstrap.len() as u64,
+            bootstrap_size: img.bootstrap.len(),
             registered_at: img.registered_at,
             kept: img.kept.load(Ordering::Relaxed),
             last_miss: img
@@ -326,6 +336,8 @@ pub fn images_status(
                     prefetched_chunks: b.prefetched_chunks.load(Ordering::Relaxed),
                     events: fan.map(|f| f.blob_events(&b.digest)).unwrap_or(0),
                     missing_chunks: b.missing_needed(),
+                    copied_chunks: b.copied_chunks.load(Ordering::Relaxed),
+                    copied_bytes: b.copied_bytes.load(Ordering::Relaxed),
                 })
                 .collect(),
         })
@@ -361,6 +373,12 @@ async fn handle(
                     worker_started: ctx.process.worker_started,
                     worker_generation: ctx.process.worker_generation,
                     adopted_images: ctx.adopted.load(Ordering::Relaxed),
+                    indexed_chunks: ctx
+                        .daemon
+                        .registry
+                        .lock()
+                        .map(|r| Arc::clone(&r.chunk_index))
+                        .map_or(0, |i| i.len() as u64),
                 },
             )
         }
@@ -451,10 +469,11 @@ async fn handle(
                         }
                     }
                     // Direct I/O is a file-backed mount's option.
-                    if ctx.fanotify.is_some() {
+                    if let Some(fan) = &ctx.fanotify {
                         if let Ok(mut m) = img.direct_io_mounts.lock() {
                             m.push((n.mountpoint, false));
                         }
+                        fan.pin(&fsid);
                     }
                     json(StatusCode::OK, &serde_json::json!({ "fsid": fsid }))
                 }
@@ -914,14 +933,8 @@ async fn register(
         let request = r.clone();
         let pinned = pinned.clone();
         blocking(move || {
+            // Install keeps the bootstrap on disk; the record is kept too.
             let img = install(&ctx, bytes, backend, source)?;
-            // Keep the bootstrap and the registration, so a new worker can
-            // adopt the image without the network and without a remount.
-            let boot = crate::adopt::bootstrap_path(&ctx.cache_dir, &img.fsid);
-            crate::write_intact(&boot, &img.bootstrap).map_err(|e| DaemonError::Io {
-                what: format!("keeping the bootstrap in {}", boot.display()),
-                source: e,
-            })?;
             // Registered again (an idempotent registration): keep what
             // the record knew, its mounts and whether it was pulled.
             let old = crate::adopt::load(&ctx.run_dir, &img.fsid);
@@ -981,7 +994,14 @@ pub(crate) fn install(
         .map_err(|_| DaemonError::Poisoned)?
         .state_dir()
         .map(Path::to_path_buf);
-    let prepared = crate::registry::prepare(bytes, source, state_dir.as_deref())?;
+    let mut prepared = crate::registry::prepare(bytes, source, state_dir.as_deref())?;
+    // Keep the bootstrap, so a new worker can adopt the image without the
+    // network and without a remount; the image reads it from there.
+    let boot = crate::adopt::bootstrap_path(&ctx.cache_dir, &prepared.fsid);
+    prepared.keep_on_disk(&boot).map_err(|e| DaemonError::Io {
+        what: format!("keeping the bootstrap in {}", boot.display()),
+        source: e,
+    })?;
     let img = ctx
         .daemon
         .registry

@@ -43,6 +43,15 @@ pub struct BlobFile {
     pub events: AtomicU64,
 }
 
+/// Reads a blob file for the chunk index (see [`crate::blob::index`]).
+struct LocalBlobFile(File);
+
+impl crate::blob::LocalRead for LocalBlobFile {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, off)
+    }
+}
+
 /// Files to mount for a registered image.
 pub struct MountFiles {
     pub bootstrap: PathBuf,
@@ -61,6 +70,7 @@ pub struct FanotifyPath {
     /// Bootstraps locked in memory, by fsid, within `pin_budget` bytes.
     pinned: Mutex<HashMap<String, kite_kernel::pin::PinnedFile>>,
     pin_budget: u64,
+    own_pid: i32,
 }
 
 fn io_err(what: String) -> impl FnOnce(std::io::Error) -> DaemonError {
@@ -91,6 +101,7 @@ impl FanotifyPath {
             events: AtomicU64::new(0),
             pinned: Mutex::new(HashMap::new()),
             pin_budget,
+            own_pid: std::process::id() as i32,
         }))
     }
 
@@ -125,6 +136,15 @@ impl FanotifyPath {
         }
     }
 
+    /// An image was mounted: lock its bootstrap in memory, budget
+    /// permitting (registered images that are not mounted are not locked:
+    /// a node keeping many images cached does not hold their metadata).
+    pub fn pin(&self, fsid: &str) {
+        if self.pin_budget > 0 {
+            self.pin_bootstrap(fsid, &crate::adopt::bootstrap_path(&self.cache_dir, fsid));
+        }
+    }
+
     /// Release the memory lock of an image's bootstrap.
     pub fn unpin(&self, fsid: &str) {
         if let Ok(mut p) = self.pinned.lock() {
@@ -145,9 +165,6 @@ impl FanotifyPath {
         // Written (and checked against the fsid) by registration or
         // adoption before this is called.
         let boot = crate::adopt::bootstrap_path(&self.cache_dir, &img.fsid);
-        if self.pin_budget > 0 {
-            self.pin_bootstrap(&img.fsid, &boot);
-        }
         let mut devices = Vec::new();
         for b in &img.blobs {
             devices.push(self.prepare_blob(b)?.path.clone());
@@ -200,6 +217,15 @@ impl FanotifyPath {
         let md = file
             .metadata()
             .map_err(io_err(format!("stat {}", path.display())))?;
+        // Other blobs may copy chunks from this file (the chunk index);
+        // such reads of a watched file raise events this daemon answers
+        // like any other (they are for chunks on disk: allowed at once).
+        match file.try_clone() {
+            Ok(f) => blob.set_local_reader(Arc::new(LocalBlobFile(f))),
+            Err(e) => {
+                tracing::warn!(blob = %blob.digest, "no local chunk copies from this blob: {e}")
+            }
+        }
         let bf = Arc::new(BlobFile {
             blob: Arc::clone(blob),
             path: path.clone(),
@@ -274,7 +300,9 @@ impl FanotifyPath {
             // Every read of a marked blob file is an event, of fetched
             // chunks too: the access log sees them all (an event without
             // a range says nothing about which chunks were read).
-            if range.is_some() {
+            // The daemon's own reads (copying a chunk to another blob)
+            // are not the workload's.
+            if range.is_some() && ev.pid() != self.own_pid {
                 bf.blob.record_access(bf.blob.chunks_for(off, count));
             }
             // The event's fd writes without raising events: a queued

@@ -97,6 +97,15 @@ pub fn record_fetch(source: &'static str, seconds: f64, outcome: FetchOutcome) {
         .inc();
 }
 
+/// Chunks of `bytes` (uncompressed) copied from another blob on this
+/// node instead of fetched: counted as bytes from source `chunk_copy`.
+pub fn record_local_copy(bytes: u64) {
+    live()
+        .fetched_bytes
+        .get_or_create(&[("source", "chunk_copy")])
+        .inc_by(bytes);
+}
+
 /// A chunk whose stored bytes failed verification (never cached).
 pub fn record_corrupt() {
     live().corrupt_chunks.inc();

@@ -19,9 +19,57 @@ use crate::backend::Backend;
 use crate::blob::BlobState;
 use crate::DaemonError;
 
+/// An image's bootstrap bytes: in memory, or, once the daemon keeps them
+/// on disk (`<cache>/bootstraps/<fsid>`, written from the verified bytes
+/// before the image is linked in), read from that file, so a node with
+/// many registered images does not hold every bootstrap in its heap. The
+/// kept file has the trust of the cache's blob files: written whole from
+/// verified bytes, read back as it is.
+#[derive(Clone)]
+pub enum BootstrapData {
+    Memory(Arc<Vec<u8>>),
+    Kept { file: Arc<std::fs::File>, len: u64 },
+}
+
+impl BootstrapData {
+    pub fn len(&self) -> u64 {
+        match self {
+            BootstrapData::Memory(b) => b.len() as u64,
+            BootstrapData::Kept { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fill `buf` from offset `off` (blocking: a file read when kept).
+    pub fn read_at(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let end = off
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.len())
+            .ok_or_else(|| {
+                std::io::Error::other(format!(
+                    "bytes {off}+{} beyond the bootstrap's {}",
+                    buf.len(),
+                    self.len()
+                ))
+            })?;
+        match self {
+            BootstrapData::Memory(b) => {
+                buf.copy_from_slice(&b[off as usize..end as usize]);
+                Ok(())
+            }
+            BootstrapData::Kept { file, .. } => {
+                std::os::unix::fs::FileExt::read_exact_at(&**file, buf, off)
+            }
+        }
+    }
+}
+
 pub struct Image {
     pub fsid: String,
-    pub bootstrap: Arc<Vec<u8>>,
+    pub bootstrap: BootstrapData,
     pub blobs: Vec<Arc<BlobState>>,
     /// Where it was registered from (for status).
     pub source: String,
@@ -102,7 +150,7 @@ impl Image {
         all.sort_by_key(|(seq, _)| *seq);
         Profile {
             // The fsid is the bootstrap's sha256, checked at registration.
-            bootstrap: Digest::parse(&self.fsid).unwrap_or_else(|| Digest::of(&self.bootstrap)),
+            bootstrap: Digest::parse(&self.fsid).unwrap_or_default(),
             entries: all.into_iter().map(|(_, e)| e).collect(),
         }
     }
@@ -115,6 +163,8 @@ pub struct Registry {
     state_dir: Option<PathBuf>,
     /// Sequential readahead, in chunks, for new blobs.
     pub readahead: usize,
+    /// Where each chunk's content is on disk, across all blobs.
+    pub chunk_index: Arc<crate::blob::ChunkIndex>,
 }
 
 impl Registry {
@@ -166,6 +216,7 @@ impl Registry {
                     );
                     s.readahead = self.readahead;
                     let s = Arc::new(s);
+                    self.chunk_index.attach(&s);
                     if let Some(map) = &b.saved {
                         s.restore_fetched(map);
                     }
@@ -183,7 +234,7 @@ impl Registry {
         }
         let img = Arc::new(Image {
             fsid: p.fsid.clone(),
-            bootstrap: Arc::new(p.bootstrap),
+            bootstrap: p.bootstrap,
             blobs,
             source: p.source,
             chunk_size: p.chunk_size,
@@ -282,10 +333,34 @@ pub struct PreparedBlob {
 /// a runtime).
 pub struct Prepared {
     pub fsid: String,
-    bootstrap: Vec<u8>,
+    bootstrap: BootstrapData,
     source: String,
     chunk_size: u32,
     blobs: Vec<PreparedBlob>,
+}
+
+impl Prepared {
+    /// Keep the bootstrap in `path` (written whole, atomically, unless it
+    /// holds these bytes already) and read it from there from now on.
+    pub fn keep_on_disk(&mut self, path: &Path) -> std::io::Result<()> {
+        if let BootstrapData::Memory(bytes) = &self.bootstrap {
+            crate::write_intact(path, bytes)?;
+            let file = std::fs::File::open(path)?;
+            let len = file.metadata()?.len();
+            if len != bytes.len() as u64 {
+                return Err(std::io::Error::other(format!(
+                    "{} holds {len} bytes after writing {}",
+                    path.display(),
+                    bytes.len()
+                )));
+            }
+            self.bootstrap = BootstrapData::Kept {
+                file: Arc::new(file),
+                len,
+            };
+        }
+        Ok(())
+    }
 }
 
 /// Validate and index `bootstrap` (see [`Prepared`]).
@@ -314,13 +389,25 @@ pub fn prepare(
                 .map(|c| parsed.index.chunk(&view, c))
                 .collect(),
             referenced: referenced.as_ref().ok().and_then(|r| r.get(i).cloned()),
-            saved: state_dir.and_then(|d| crate::state::load(d, &digest)),
+            saved: state_dir.and_then(|d| {
+                match crate::state::load(d, &digest, view.chunk_count) {
+                    crate::state::Loaded::Map(m) => Some(m),
+                    crate::state::Loaded::Absent => None,
+                    // Never trusted: every chunk counts as missing, so a
+                    // read fetches (and verifies) it again rather than
+                    // reading whatever the blob file holds there.
+                    crate::state::Loaded::Corrupt(why) => {
+                        tracing::warn!(blob = %digest, "fetch state not used, starting from an empty map: {why}");
+                        Some(vec![false; view.chunk_count])
+                    }
+                }
+            }),
         });
     }
     let chunk_size = parsed.index.chunk_size;
     Ok(Prepared {
         fsid,
-        bootstrap,
+        bootstrap: BootstrapData::Memory(Arc::new(bootstrap)),
         source,
         chunk_size,
         blobs,

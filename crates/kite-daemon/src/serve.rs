@@ -203,7 +203,7 @@ fn handle_open(
         return Ok(dev.copen(msg_id, -ENOENT)?);
     };
     let size = match &target {
-        Target::Bootstrap(img) => kite_format::align4k(img.bootstrap.len() as u64),
+        Target::Bootstrap(img) => kite_format::align4k(img.bootstrap.len()),
         Target::Blob(b) => b.uncompressed_size,
     };
     tracing::debug!(msg_id, object_id, cookie = %cookie, size, "OPEN");
@@ -284,17 +284,24 @@ async fn serve_bootstrap(
     len: u64,
     object: &Arc<dyn CacheObject>,
 ) -> Result<(), String> {
-    let size = img.bootstrap.len() as u64;
+    let size = img.bootstrap.len();
     let end = off.saturating_add(len).min(kite_format::align4k(size));
     if off >= end {
         return Err(format!("range {off}+{len} beyond the bootstrap"));
     }
-    let mut buf = AlignedBuf::zeroed(kite_format::align4k(end - off) as usize);
     let data_end = end.min(size);
-    if off < data_end {
-        buf.as_mut_slice()[..(data_end - off) as usize]
-            .copy_from_slice(&img.bootstrap[off as usize..data_end as usize]);
-    }
+    let boot = img.bootstrap.clone();
+    // A kept bootstrap is read from its file: off the async workers.
+    let buf = tokio::task::spawn_blocking(move || {
+        let mut buf = AlignedBuf::zeroed(kite_format::align4k(end - off) as usize);
+        if off < data_end {
+            boot.read_at(off, &mut buf.as_mut_slice()[..(data_end - off) as usize])
+                .map_err(|e| format!("reading the bootstrap: {e}"))?;
+        }
+        Ok::<_, String>(buf)
+    })
+    .await
+    .map_err(|e| format!("bootstrap read task: {e}"))??;
     object
         .write_at(off, buf)
         .await

@@ -528,13 +528,22 @@ pub async fn status(socket: &Path, json: bool) -> Result<()> {
         }
         for b in img.blobs {
             println!(
-                "  blob {}  chunks {}/{}  fetched {}{}{}{}",
+                "  blob {}  chunks {}/{}  fetched {}{}{}{}{}",
                 &b.digest[..19],
                 b.fetched_chunks,
                 b.chunks,
                 crate::mib(b.fetched_bytes),
                 if b.prefetched_chunks > 0 {
                     format!(" ({} chunks prefetched)", b.prefetched_chunks)
+                } else {
+                    String::new()
+                },
+                if b.copied_chunks > 0 {
+                    format!(
+                        ", {} chunks ({}) copied from other blobs on this node",
+                        b.copied_chunks,
+                        crate::mib(b.copied_bytes)
+                    )
                 } else {
                     String::new()
                 },

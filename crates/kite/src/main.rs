@@ -87,6 +87,11 @@ enum Cmd {
         /// Skip the tree listing.
         #[arg(long)]
         summary: bool,
+        /// Print every chunk record instead, one a line: blob digest
+        /// (hex), chunk index, chunk sha256 (hex), stored bytes,
+        /// uncompressed bytes.
+        #[arg(long, conflicts_with_all = ["blobs_only", "summary"])]
+        chunks: bool,
     },
     /// Verify a bootstrap and every chunk of its blobs.
     Check {
@@ -596,11 +601,29 @@ fn run(cli: Cli) -> Result<()> {
             bootstrap,
             blobs_only,
             summary,
+            chunks,
         } => {
             let data = std::fs::read(&bootstrap)
                 .with_context(|| format!("reading {}", bootstrap.display()))?;
             let out = std::io::stdout();
             let mut out = out.lock();
+            if chunks {
+                let bs = kite_format::Bootstrap::parse(&data)?;
+                for b in bs.index.blobs() {
+                    let hex = b.record.digest.hex();
+                    for c in 0..b.chunk_count {
+                        let r = bs.index.chunk(&b, c);
+                        writeln!(
+                            out,
+                            "{hex} {c} {} {} {}",
+                            r.digest.hex(),
+                            r.compressed_size,
+                            r.uncompressed_size
+                        )?;
+                    }
+                }
+                return Ok(());
+            }
             if blobs_only {
                 let bs = kite_format::Bootstrap::parse(&data)?;
                 for b in bs.index.blobs() {

@@ -257,6 +257,59 @@ fn e_warm_restart_fetches_nothing() {
 }
 
 #[test]
+fn e_a_corrupt_fetch_state_is_never_trusted() {
+    if !require("e_a_corrupt_fetch_state_is_never_trusted", fanotify_path()) {
+        return;
+    }
+    let dir = tempdir();
+    let conv = example(dir.path());
+    let reference = reference_mount(&conv, dir.path());
+    let want = read_all(&reference.dir);
+    // Read one file: the state on disk says "some chunks fetched".
+    let d = Daemon::start(dir.path(), &[]);
+    let m = d.mount(&conv, &dir.path().join("mnt"), &[]);
+    let (first, _) = want.iter().max_by_key(|(_, v)| v.len()).unwrap();
+    assert_eq!(&std::fs::read(m.mnt.join(first)).unwrap(), &want[first]);
+    m.umount();
+    let cache = d.cache.clone();
+    d.stop();
+    // Damage every state file the way a bad disk or a stray write would:
+    // every chunk claimed fetched (holes included), checksum untouched.
+    let states: Vec<PathBuf> = std::fs::read_dir(cache.join("kite-state"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "fetched"))
+        .collect();
+    assert!(!states.is_empty(), "no fetch state was saved");
+    let mut claimed_holes = false;
+    for p in &states {
+        let mut b = std::fs::read(p).unwrap();
+        let n = b.len();
+        for x in &mut b[16..n - 32] {
+            claimed_holes |= *x == 0;
+            *x = 1;
+        }
+        std::fs::write(p, b).unwrap();
+    }
+    assert!(
+        claimed_holes,
+        "the partial read left no chunk unfetched to lie about"
+    );
+    // Trusting the damaged map would read the blob files' holes as zeros.
+    let d = Daemon::start(dir.path(), &[]);
+    let m = d.mount(&conv, &dir.path().join("mnt"), &[]);
+    drop_caches();
+    assert_eq!(read_all(&m.mnt), want, "{}", d.log_text());
+    assert!(
+        d.log_text().contains("fetch state not used"),
+        "the daemon says why it did not use the state:\n{}",
+        d.log_text()
+    );
+    m.umount();
+}
+
+#[test]
 fn f_shared_layer_is_fetched_once() {
     if !require("f_shared_layer_is_fetched_once", fanotify_path()) {
         return;

@@ -175,13 +175,17 @@ fn with_decoder<T>(
     })
 }
 
-/// Why decoding one chunk failed, before the blob and chunk are attached.
+/// Why decoding one chunk failed.
 enum ChunkStepError {
-    /// The fetch failed: nothing to decode.
-    NoBytes,
-    /// The stored bytes were bad (the message names blob and chunk).
-    Corrupt(String),
+    Chunk(ChunkError),
+    /// No decoder (the blob and chunk are attached by the caller).
     Local(String),
+}
+
+impl From<ChunkError> for ChunkStepError {
+    fn from(e: ChunkError) -> Self {
+        ChunkStepError::Chunk(e)
+    }
 }
 
 impl BlobState {
@@ -328,8 +332,10 @@ impl BlobState {
         Ok(waits)
     }
 
-    /// Fetch chunks `run` (adjacent in the stored blob) in one request,
-    /// verify each, write each into the cache, publish each outcome.
+    /// Make chunks `run` (adjacent in the stored blob) present: those
+    /// another blob on this node holds are copied from it (verified), the
+    /// rest fetched with one request per contiguous part; each chunk is
+    /// verified and written into the cache, and each outcome published.
     async fn fetch_run(
         self: Arc<Self>,
         run: Vec<usize>,
@@ -344,8 +350,130 @@ impl BlobState {
             target,
             pending: run.iter().copied().zip(senders).rev().collect(),
         };
-        let (Some(&first), Some(&last)) = (run.first(), run.last()) else {
-            return;
+        // 1. Local copies, written as soon as they are verified.
+        let mut jobs: Vec<Option<tokio::task::JoinHandle<ChunkStep>>> = self
+            .copy_local(&run)
+            .await
+            .into_iter()
+            .zip(&run)
+            .map(|(copy, &i)| copy.map(|buf| self.spawn_write(&object, i, Ok(buf))))
+            .collect();
+        // 2. The rest from the backend: consecutive chunks of the run are
+        // contiguous in the stored blob, so each stretch is one request.
+        let mut k = 0;
+        while k < run.len() {
+            if jobs[k].is_some() {
+                k += 1;
+                continue;
+            }
+            let mut e = k + 1;
+            while e < run.len() && jobs[e].is_none() {
+                e += 1;
+            }
+            let part = &run[k..e];
+            let (start, fetched) = self.fetch_stored(part).await;
+            for (slot, &i) in jobs[k..e].iter_mut().zip(part) {
+                let rec = self.chunks[i];
+                let digest = self.digest;
+                let stored = fetched.as_ref().map_err(Clone::clone).map(|bytes| {
+                    let off = (rec.compressed_offset - start) as usize;
+                    bytes.slice(off..off + rec.compressed_size as usize)
+                });
+                let decoded = tokio::task::spawn_blocking(move || {
+                    let stored = stored.map_err(ChunkError::Fetch)?;
+                    // Decode straight into the page-aligned buffer whose
+                    // padded extent is written to the cache: the decoder
+                    // fills the head, the padding is zero.
+                    let n = rec.uncompressed_size as usize;
+                    let mut buf = AlignedBuf::with_zero_tail(align4k(n as u64) as usize, n);
+                    with_decoder(|dec| {
+                        dec.decode_into(digest, i, &rec, &stored, buf.as_mut_slice())
+                            .map_err(|e| {
+                                ChunkStepError::Chunk(ChunkError::Corrupt { why: e.to_string() })
+                            })
+                    })
+                    .map_err(|e| match e {
+                        ChunkStepError::Chunk(e) => e,
+                        ChunkStepError::Local(why) => ChunkError::Local {
+                            blob: digest,
+                            chunk: i,
+                            why,
+                        },
+                    })?;
+                    Ok(buf)
+                });
+                let me = Arc::clone(&self);
+                let object = Arc::clone(&object);
+                *slot = Some(tokio::spawn(async move {
+                    let buf = decoded.await.unwrap_or_else(|e| {
+                        Err(ChunkError::Local {
+                            blob: digest,
+                            chunk: i,
+                            why: format!("decode task: {e}"),
+                        })
+                    });
+                    me.write_step(&object, i, buf).await
+                }));
+            }
+            k = e;
+        }
+        // 3. Outcomes, in the run's order.
+        let mut written = Vec::new();
+        for ((&i, job), asked) in run.iter().zip(jobs).zip(requested) {
+            let step = match job {
+                Some(job) => job.await.unwrap_or_else(|e| {
+                    ChunkStep::Failed(ChunkError::Local {
+                        blob: self.digest,
+                        chunk: i,
+                        why: format!("write task: {e}"),
+                    })
+                }),
+                None => ChunkStep::Failed(ChunkError::Lost {
+                    blob: self.digest,
+                    chunk: i,
+                }),
+            };
+            let outcome = match step {
+                ChunkStep::Written => Ok(()),
+                ChunkStep::Failed(e) => {
+                    if let ChunkError::Corrupt { why } = &e {
+                        self.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
+                        crate::metrics::record_corrupt();
+                        tracing::warn!(blob = %self.digest, chunk = i, "refusing corrupt chunk: {why}");
+                    }
+                    Err(e)
+                }
+            };
+            {
+                let mut st = self.lock();
+                match &outcome {
+                    Ok(()) => {
+                        self.mark_fetched(&mut st, i);
+                        st.failed.remove(&i);
+                        written.push(i);
+                    }
+                    // Only requested chunks: a readahead failure must not
+                    // fail a later read that would have succeeded.
+                    Err(e) if e.is_remote() && asked => {
+                        st.failed.insert(i, (Instant::now(), e.clone()));
+                    }
+                    Err(_) => {}
+                }
+                st.inflight.remove(&(i, target));
+            }
+            if let Some((j, tx)) = guard.pending.pop() {
+                debug_assert_eq!(j, i, "answers follow the run's order");
+                let _ = tx.send(Some(outcome));
+            }
+        }
+        self.index_add(&written);
+    }
+
+    /// The stored bytes of `part` (adjacent chunks) from the backend, with
+    /// the fetch deadline, and where they start in the stored blob.
+    async fn fetch_stored(&self, part: &[usize]) -> (u64, Result<bytes::Bytes, FetchError>) {
+        let (Some(&first), Some(&last)) = (part.first(), part.last()) else {
+            return (0, Ok(bytes::Bytes::new()));
         };
         let (first, last) = (self.chunks[first], self.chunks[last]);
         let start = first.compressed_offset;
@@ -378,100 +506,126 @@ impl BlobState {
                 Err(_) => crate::metrics::FetchOutcome::Error,
             },
         );
-        // Decode every chunk of the run on the blocking pool, and write
-        // each into the cache as soon as it is decoded: decodes and writes
-        // of the run overlap; outcomes are published in the run's order.
-        let jobs: Vec<_> = run
+        (start, fetched)
+    }
+
+    /// For each chunk of `run`, a verified copy of its content from
+    /// another blob on this node, where the chunk index knows one. Reads
+    /// run on the blocking pool; a copy whose sha256 is not the chunk's is
+    /// dropped (and its index entry with it), so the chunk is fetched.
+    async fn copy_local(&self, run: &[usize]) -> Vec<Option<AlignedBuf>> {
+        let Some((index, slot)) = self.index.get() else {
+            return run.iter().map(|_| None).collect();
+        };
+        let sources: Vec<_> = run
             .iter()
-            .map(|&i| {
-                let rec = self.chunks[i];
-                let digest = self.digest;
-                let part = fetched.as_ref().ok().map(|bytes| {
-                    let off = (rec.compressed_offset - start) as usize;
-                    bytes.slice(off..off + rec.compressed_size as usize)
-                });
-                let decode = tokio::task::spawn_blocking(move || {
-                    let stored = part.ok_or(ChunkStepError::NoBytes)?;
-                    // Decode straight into the page-aligned buffer whose
-                    // padded extent is written to the cache: the decoder
-                    // fills the head, the padding is zero.
+            .map(|&i| index.lookup(&self.chunks[i].digest, *slot))
+            .collect();
+        if sources.iter().all(Option::is_none) {
+            return run.iter().map(|_| None).collect();
+        }
+        let recs: Vec<_> = run.iter().map(|&i| self.chunks[i]).collect();
+        let me = self.digest;
+        let index = Arc::clone(index);
+        let copies = tokio::task::spawn_blocking(move || {
+            recs.iter()
+                .zip(sources)
+                .map(|(rec, src)| {
+                    let (src, j) = src?;
+                    let reader = src.local.get()?;
+                    let srec = src.chunks[j];
                     let n = rec.uncompressed_size as usize;
                     let mut buf = AlignedBuf::with_zero_tail(align4k(n as u64) as usize, n);
-                    with_decoder(|dec| {
-                        dec.decode_into(digest, i, &rec, &stored, buf.as_mut_slice())
-                            .map_err(|e| ChunkStepError::Corrupt(e.to_string()))
-                    })?;
-                    Ok(buf)
-                });
-                let object = Arc::clone(&object);
-                let fetch_err = fetched.as_ref().err().cloned();
-                tokio::spawn(async move {
-                    let fail = |why: String| ChunkError::Local {
-                        blob: digest,
-                        chunk: i,
-                        why,
+                    let res = if srec.uncompressed_size != rec.uncompressed_size {
+                        Err("sizes differ".to_string())
+                    } else {
+                        reader
+                            .read_at(srec.uncompressed_offset, &mut buf.as_mut_slice()[..n])
+                            .map_err(|e| e.to_string())
+                            .and_then(|()| {
+                                let got = Digest::of(&buf.as_slice()[..n]);
+                                if got == rec.digest {
+                                    Ok(())
+                                } else {
+                                    Err(format!("content is {}", got.oci()))
+                                }
+                            })
                     };
-                    match decode.await {
-                        Err(e) => ChunkStep::Failed(fail(format!("decode task: {e}"))),
-                        Ok(Err(ChunkStepError::NoBytes)) => ChunkStep::Failed(match fetch_err {
-                            Some(e) => ChunkError::Fetch(e),
-                            None => fail("no bytes to decode".into()),
-                        }),
-                        Ok(Err(ChunkStepError::Corrupt(why))) => {
-                            ChunkStep::Failed(ChunkError::Corrupt { why })
+                    match res {
+                        Ok(()) => Some(buf),
+                        Err(why) => {
+                            tracing::warn!(
+                                blob = %me,
+                                source = %src.digest,
+                                chunk = j,
+                                "local copy of chunk {} not used, fetching it instead: {why}",
+                                rec.digest
+                            );
+                            if let Some((_, src_slot)) = src.index.get() {
+                                index.forget(&rec.digest, *src_slot);
+                            }
+                            None
                         }
-                        Ok(Err(ChunkStepError::Local(why))) => ChunkStep::Failed(fail(why)),
-                        Ok(Ok(buf)) => match object.write_at(rec.uncompressed_offset, buf).await {
-                            Ok(()) => ChunkStep::Written,
-                            Err(e) => ChunkStep::Failed(ChunkError::Write {
-                                blob: digest,
-                                chunk: i,
-                                why: e.to_string(),
-                            }),
-                        },
                     }
                 })
-            })
-            .collect();
-        for ((&i, job), asked) in run.iter().zip(jobs).zip(requested) {
-            let step = job.await.unwrap_or_else(|e| {
-                ChunkStep::Failed(ChunkError::Local {
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        if copies.len() != run.len() {
+            return run.iter().map(|_| None).collect();
+        }
+        let (n, bytes) = copies
+            .iter()
+            .zip(&recs_sizes(&self.chunks, run))
+            .filter(|(c, _)| c.is_some())
+            .fold((0u64, 0u64), |(n, b), (_, s)| (n + 1, b + s));
+        if n > 0 {
+            self.copied_chunks.fetch_add(n, Ordering::Relaxed);
+            self.copied_bytes.fetch_add(bytes, Ordering::Relaxed);
+            crate::metrics::record_local_copy(bytes);
+        }
+        copies
+    }
+
+    /// Write chunk `i`'s verified content into the cache (a task).
+    fn spawn_write(
+        self: &Arc<Self>,
+        object: &Arc<dyn CacheObject>,
+        i: usize,
+        buf: Result<AlignedBuf, ChunkError>,
+    ) -> tokio::task::JoinHandle<ChunkStep> {
+        let me = Arc::clone(self);
+        let object = Arc::clone(object);
+        tokio::spawn(async move { me.write_step(&object, i, buf).await })
+    }
+
+    async fn write_step(
+        &self,
+        object: &Arc<dyn CacheObject>,
+        i: usize,
+        buf: Result<AlignedBuf, ChunkError>,
+    ) -> ChunkStep {
+        match buf {
+            Err(e) => ChunkStep::Failed(e),
+            Ok(buf) => match object
+                .write_at(self.chunks[i].uncompressed_offset, buf)
+                .await
+            {
+                Ok(()) => ChunkStep::Written,
+                Err(e) => ChunkStep::Failed(ChunkError::Write {
                     blob: self.digest,
                     chunk: i,
-                    why: format!("write task: {e}"),
-                })
-            });
-            let outcome = match step {
-                ChunkStep::Written => Ok(()),
-                ChunkStep::Failed(e) => {
-                    if let ChunkError::Corrupt { why } = &e {
-                        self.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
-                        crate::metrics::record_corrupt();
-                        tracing::warn!(blob = %self.digest, chunk = i, "refusing corrupt chunk: {why}");
-                    }
-                    Err(e)
-                }
-            };
-            {
-                let mut st = self.lock();
-                match &outcome {
-                    Ok(()) => {
-                        self.mark_fetched(&mut st, i);
-                        st.failed.remove(&i);
-                    }
-                    // Only requested chunks: a readahead failure must not
-                    // fail a later read that would have succeeded.
-                    Err(e) if e.is_remote() && asked => {
-                        st.failed.insert(i, (Instant::now(), e.clone()));
-                    }
-                    Err(_) => {}
-                }
-                st.inflight.remove(&(i, target));
-            }
-            if let Some((j, tx)) = guard.pending.pop() {
-                debug_assert_eq!(j, i, "answers follow the run's order");
-                let _ = tx.send(Some(outcome));
-            }
+                    why: e.to_string(),
+                }),
+            },
         }
     }
+}
+
+/// The uncompressed sizes of chunks `run`.
+fn recs_sizes(table: &[kite_format::ChunkRecord], run: &[usize]) -> Vec<u64> {
+    run.iter()
+        .map(|&i| u64::from(table[i].uncompressed_size))
+        .collect()
 }

@@ -23,7 +23,9 @@
 //!   the prefetcher fetches, in which runs);
 //! - `fetch`: starting runs, fetching, verifying, writing and publishing
 //!   each chunk's outcome ([`Batch`], [`ChunkError`]);
-//! - `prefetch`: the profile queue and the prefetcher.
+//! - `prefetch`: the profile queue and the prefetcher;
+//! - [`index`]: the node-wide chunk index, so a chunk already on disk in
+//!   another blob is copied locally (verified) instead of fetched.
 //!
 //! # Locking
 //! All mutable chunk state is in one mutex ([`BlobState::state`]). It is a
@@ -34,12 +36,13 @@
 //! agree with the maps.
 
 mod fetch;
+pub mod index;
 pub mod plan;
 mod prefetch;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use kite_format::{ChunkRecord, Digest};
@@ -49,6 +52,7 @@ use tokio::sync::watch;
 use crate::backend::Backend;
 
 pub use fetch::{Batch, ChunkError, Waits, FAILURE_TTL};
+pub use index::{ChunkIndex, LocalRead};
 
 /// Per-chunk outcome published to waiters: `None` while in flight.
 type Outcome = Option<Result<(), ChunkError>>;
@@ -130,6 +134,23 @@ pub struct BlobState {
     /// none). Cache hits never reach the daemon, so this is the last
     /// miss, not the last read.
     pub last_miss: AtomicU64,
+    /// The node's chunk index this blob belongs to, and its slot there.
+    index: OnceLock<(Arc<ChunkIndex>, u32)>,
+    /// How the index reads this blob's chunks for other blobs (set by the
+    /// kernel path when it can).
+    local: OnceLock<Arc<dyn LocalRead>>,
+    /// Chunks (and their bytes) copied from another blob's local data
+    /// instead of fetched.
+    pub copied_chunks: AtomicU64,
+    pub copied_bytes: AtomicU64,
+}
+
+impl Drop for BlobState {
+    fn drop(&mut self) {
+        if let Some((index, slot)) = self.index.get() {
+            index.detach(*slot);
+        }
+    }
 }
 
 impl BlobState {
@@ -171,6 +192,23 @@ impl BlobState {
             full_chunk,
             prefetched_chunks: AtomicU64::new(0),
             last_miss: AtomicU64::new(0),
+            index: OnceLock::new(),
+            local: OnceLock::new(),
+            copied_chunks: AtomicU64::new(0),
+            copied_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// Let other blobs copy chunks from this one's local data (the kernel
+    /// path calls this when it can read its cache directly).
+    pub fn set_local_reader(&self, reader: Arc<dyn LocalRead>) {
+        let _ = self.local.set(reader);
+    }
+
+    /// Tell the chunk index that chunks `chunks` are on disk now.
+    fn index_add(&self, chunks: &[usize]) {
+        if let Some((index, slot)) = self.index.get() {
+            index.add(*slot, self, chunks);
         }
     }
 
@@ -303,6 +341,9 @@ impl BlobState {
         if let Some(set) = st.needed.as_ref() {
             self.recount_needed_missing(set, &st.fetched);
         }
+        drop(st);
+        let held: Vec<usize> = (0..map.len()).filter(|&i| map[i]).collect();
+        self.index_add(&held);
     }
 
     /// Record chunk `i` as written (under the lock the caller holds).
