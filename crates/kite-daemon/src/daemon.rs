@@ -30,6 +30,9 @@ pub struct Daemon {
     pub stats: RequestStats,
     /// Largest stored-byte span of one merged fetch.
     pub merge_bound: u64,
+    /// cachefiles: culls the kernel's cache files of collected blobs and
+    /// images (set when serving that path).
+    pub culler: std::sync::OnceLock<kite_kernel::cachefiles::Culler>,
 }
 
 impl Daemon {
@@ -39,6 +42,7 @@ impl Daemon {
             objects: crate::serve::Objects::default(),
             stats: RequestStats::default(),
             merge_bound,
+            culler: std::sync::OnceLock::new(),
         })
     }
 

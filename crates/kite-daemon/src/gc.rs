@@ -20,10 +20,15 @@
 //! registry image's manifest (kept before the image is inserted), is left
 //! alone for its first minute. A file that a
 //! stale mount still has open stays readable through that open file; its
-//! data is gone once the mount goes. On the cachefiles path the kernel's
-//! cache objects of forgotten blobs stay until cachefiles culls them
-//! (its `brun`/`bcull`/`bstop` space thresholds): only the kernel may
-//! remove them while the cache is bound.
+//! data is gone once the mount goes.
+//!
+//! On the cachefiles path the kernel's cache files
+//! (`cache/I<volume>/@<fan-out>/D<key>`, key = blob digest hex or image
+//! fsid) of blobs and bootstraps no registered image references are culled
+//! through the device's `cull` command, the only sanctioned removal while
+//! the cache is bound: the kernel refuses (EBUSY) a file an object still
+//! uses, so a mounted image's data is never culled; such a file is tried
+//! again at the next collection.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -41,6 +46,9 @@ pub struct GcReport {
     pub state_files: usize,
     #[serde(default)]
     pub manifests: usize,
+    /// cachefiles: the kernel's cache files culled.
+    #[serde(default)]
+    pub cache_objects: usize,
     /// Disk space freed (allocated blocks of the removed files).
     pub freed_bytes: u64,
     /// Unreferenced files left because their grace period has not passed.
@@ -155,11 +163,52 @@ pub fn collect(
     let n_manifests = sweep(&cache_dir.join("manifests"), &|name| {
         is_hex(name).then(|| manifests.contains(name) || young(name))
     });
+    // cachefiles: the kernel's cache files of blobs and bootstraps no
+    // image references, culled through the device (the kernel refuses a
+    // file an object still uses: Busy, tried again next time).
+    let mut n_objects = 0;
+    if let Some(culler) = daemon.culler.get() {
+        for (dir, name) in cache_object_files(cache_dir) {
+            let Some(key) = name.strip_prefix('D').filter(|k| is_hex(k)) else {
+                continue;
+            };
+            if blobs.contains(key) || fsids.contains(key) {
+                continue;
+            }
+            let path = dir.join(&name);
+            let since = *seen.entry(path.clone()).or_insert(now);
+            if now.duration_since(since) < grace {
+                waiting += 1;
+                still.insert(path);
+                continue;
+            }
+            let freed = std::fs::symlink_metadata(&path)
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .unwrap_or(0);
+            match culler.cull(&dir, &name) {
+                Ok(kite_kernel::cachefiles::Culled::Removed) => {
+                    n_objects += 1;
+                    freed_bytes += freed;
+                    tracing::debug!(path = %path.display(), "culled");
+                }
+                Ok(kite_kernel::cachefiles::Culled::Busy) => {
+                    tracing::debug!(path = %path.display(), "cache file in use: culled later");
+                    still.insert(path);
+                }
+                Ok(kite_kernel::cachefiles::Culled::Missing) => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "culling: {e}");
+                    still.insert(path);
+                }
+            }
+        }
+    }
     let report = GcReport {
         blobs: n_blobs,
         bootstraps: n_boot,
         state_files: n_state,
         manifests: n_manifests,
+        cache_objects: n_objects,
         freed_bytes,
         waiting,
     };
@@ -172,9 +221,10 @@ pub fn collect(
             tracing::warn!(path = %p.display(), "unlinking a collected file: {e}");
         }
     }
-    if report.blobs + report.bootstraps + report.state_files + report.manifests > 0 {
+    if report.blobs + report.bootstraps + report.state_files + report.manifests + n_objects > 0 {
         tracing::info!(
             blobs = report.blobs,
+            cache_objects = n_objects,
             bootstraps = report.bootstraps,
             state_files = report.state_files,
             manifests = report.manifests,
@@ -185,18 +235,57 @@ pub fn collect(
     report
 }
 
+/// The kernel's cachefiles cache files under `cache_dir` (bound there):
+/// `cache/I<volume>/@<fan-out>/<name>`, as (directory, name). A mounted
+/// image's objects are unnamed temporary files until their unmount, so
+/// they do not appear here.
+fn cache_object_files(cache_dir: &Path) -> Vec<(std::path::PathBuf, String)> {
+    let mut out = Vec::new();
+    let subdirs = |dir: &Path, prefix: char| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for vol in subdirs(&cache_dir.join("cache"), 'I') {
+        for fan in subdirs(&vol, '@') {
+            let Ok(rd) = std::fs::read_dir(&fan) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_file()) {
+                    out.push((fan.clone(), e.file_name().to_string_lossy().into_owned()));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Allocated bytes of the cache's files (blob files count what is on
-/// disk, not their sparse size).
+/// disk, not their sparse size; on the cachefiles path the kernel's cache
+/// files of images no longer mounted count too).
 pub fn cache_usage(cache_dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    ["blobs", "bootstraps", "kite-state", "manifests"]
+    let ours: u64 = ["blobs", "bootstraps", "kite-state", "manifests"]
         .iter()
         .filter_map(|sub| std::fs::read_dir(cache_dir.join(sub)).ok())
         .flat_map(|rd| rd.flatten())
         .filter_map(|e| e.metadata().ok())
         .filter(|m| m.is_file())
         .map(|m| m.blocks() * 512)
-        .sum()
+        .sum();
+    let kernel: u64 = cache_object_files(cache_dir)
+        .iter()
+        .filter_map(|(d, n)| std::fs::symlink_metadata(d.join(n)).ok())
+        .map(|m| m.blocks() * 512)
+        .sum();
+    ours + kernel
 }
 
 /// An image registered or read this recently is not evicted.

@@ -194,6 +194,14 @@ pub async fn run(cfg: DaemonConfig, h: Handoff) -> Result<(), DaemonError> {
                     Err(e) => tracing::warn!("cachefiles: this kernel has no restore ({e}): requests the previous worker read but did not answer stay unanswered, and its closed objects fail with EIO until remounted"),
                 }
             }
+            match dev.culler() {
+                Ok(c) => {
+                    let _ = daemon.culler.set(c);
+                }
+                Err(e) => {
+                    tracing::warn!("cachefiles: collected blobs' cache files cannot be culled: {e}")
+                }
+            }
             (Some(dev), None)
         }
         KernelPath::Fanotify => {

@@ -461,12 +461,18 @@ pub async fn pull(image: &str, socket: &Path, plain_http: bool, platform: String
 pub async fn gc(socket: &Path) -> Result<()> {
     let r = Client::new(socket).gc(0).await?;
     println!(
-        "collected {} blob files, {} bootstraps, {} state files, {} manifests: {} freed",
+        "collected {} blob files, {} bootstraps, {} state files, {} manifests, {} kernel cache files: {} freed{}",
         r.blobs,
         r.bootstraps,
         r.state_files,
         r.manifests,
-        crate::mib(r.freed_bytes)
+        r.cache_objects,
+        crate::mib(r.freed_bytes),
+        if r.waiting > 0 {
+            format!(" ({} left for later: in use or within the grace period)", r.waiting)
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }

@@ -173,6 +173,21 @@ impl Device {
         self.file.get_ref().as_fd()
     }
 
+    /// A handle that culls cache files of this bound cache, usable from
+    /// any thread (it owns a copy of the device fd).
+    pub fn culler(&self) -> Result<Culler, KernelError> {
+        let fd = self
+            .fd()
+            .try_clone_to_owned()
+            .map_err(|e| KernelError::Io {
+                what: "duplicating the /dev/cachefiles fd".into(),
+                source: e,
+            })?;
+        Ok(Culler {
+            dev: File::from(fd),
+        })
+    }
+
     fn command(&self, cmd: &str) -> Result<(), KernelError> {
         let _guard = self.cmd.lock().map_err(|_| KernelError::Poisoned)?;
         self.file
@@ -182,6 +197,72 @@ impl Device {
                 what: format!("cachefiles command {cmd:?}"),
                 source: e,
             })
+    }
+}
+
+/// Deletes cache files of a bound cache through the `cull` command: the
+/// only sanctioned way to remove them while the cache is bound (the
+/// kernel refuses a file an object still uses).
+pub struct Culler {
+    dev: File,
+}
+
+/// How a cull ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Culled {
+    /// The file is gone.
+    Removed,
+    /// A cache object uses it (a mounted image, or one still being
+    /// withdrawn after its unmount): left alone.
+    Busy,
+    /// No such file (already gone, or never linked: an object's file is
+    /// an unnamed temporary file until it is withdrawn).
+    Missing,
+}
+
+impl Culler {
+    /// Cull `dir/name`. The kernel looks `name` up in the writing
+    /// thread's working directory, so the command is written from a
+    /// short-lived thread with its own filesystem context
+    /// (`unshare(CLONE_FS)`): the process's working directory never
+    /// changes.
+    pub fn cull(&self, dir: &Path, name: &str) -> Result<Culled, KernelError> {
+        if name.is_empty() || name.contains('/') {
+            return Err(KernelError::Io {
+                what: format!("culling {name:?}"),
+                source: io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        }
+        let err = |what: String| move |e: io::Error| KernelError::Io { what, source: e };
+        std::thread::scope(|s| {
+            s.spawn(|| -> Result<Culled, KernelError> {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)
+                    .map_err(|e| io::Error::from_raw_os_error(e as i32))
+                    .map_err(err("unshare(CLONE_FS) for a cull".into()))?;
+                std::env::set_current_dir(dir)
+                    .map_err(err(format!("entering {}", dir.display())))?;
+                match (&self.dev).write_all(format!("cull {name}").as_bytes()) {
+                    Ok(()) => Ok(Culled::Removed),
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(Culled::Busy),
+                    Err(e)
+                        if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESTALE)) =>
+                    {
+                        Ok(Culled::Missing)
+                    }
+                    Err(e) => Err(KernelError::Io {
+                        what: format!("cachefiles command \"cull {name}\" in {}", dir.display()),
+                        source: e,
+                    }),
+                }
+            })
+            .join()
+            .unwrap_or_else(|_| {
+                Err(KernelError::Io {
+                    what: format!("culling {name}: the culling thread panicked"),
+                    source: io::Error::other("panic"),
+                })
+            })
+        })
     }
 }
 
