@@ -4,6 +4,9 @@
 //! Every registered image has a record, `<run dir>/images/<fsid>.json`
 //! (mode 0600 in a 0700 directory: it may hold registry credentials, and
 //! /run is a tmpfs, so nothing outlives a reboot, and neither do mounts).
+//! Pulled images (`kite pull`) also have a record in
+//! `<cache>/kept-images/<fsid>.json` (without mounts or per-request
+//! credentials), so they are registered again after a reboot.
 //! It holds the registration request, the pinned reference of a registry
 //! image, and the mountpoints `kite mount` reported. The bootstrap itself
 //! is kept in `<cache>/bootstraps/<fsid>` and checked against the fsid
@@ -51,10 +54,38 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> DaemonError {
     move |source| DaemonError::Io { what, source }
 }
 
+/// Where the records of pulled images are kept across reboots.
+fn kept_dir(cache_dir: &Path) -> PathBuf {
+    cache_dir.join("kept-images")
+}
+
 /// Write `rec` (temporary name, fsync, rename).
 pub fn save(run_dir: &Path, rec: &ImageRecord) -> Result<(), DaemonError> {
+    save_in(&records_dir(run_dir), rec)
+}
+
+/// Keep a pulled image's record in the cache dir too, so the image is
+/// registered again after a reboot (adopted without mounts). Per-request
+/// registry credentials are not written to the disk: a pulled image needs
+/// none to run, and a fetch it still needs uses the daemon's own.
+pub fn save_kept(cache_dir: &Path, rec: &ImageRecord) -> Result<(), DaemonError> {
+    let mut rec = rec.clone();
+    if let Some(i) = rec.request.image.as_mut() {
+        i.username = None;
+        i.password = None;
+    }
+    rec.mountpoints.clear();
+    save_in(&kept_dir(cache_dir), &rec)
+}
+
+/// Forget the kept record of `fsid` (if any).
+pub fn remove_kept(cache_dir: &Path, fsid: &str) {
+    remove_in(&kept_dir(cache_dir), fsid);
+}
+
+fn save_in(dir: &Path, rec: &ImageRecord) -> Result<(), DaemonError> {
     use std::io::Write;
-    let dir = records_dir(run_dir);
+    let dir = dir.to_path_buf();
     kite_kernel::mount::private_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
     let path = dir.join(format!("{}.json", rec.fsid));
     let tmp = dir.join(format!(".{}.json.tmp", rec.fsid));
@@ -75,7 +106,11 @@ pub fn save(run_dir: &Path, rec: &ImageRecord) -> Result<(), DaemonError> {
 
 /// Forget the record of `fsid` (if any).
 pub fn remove(run_dir: &Path, fsid: &str) {
-    let path = records_dir(run_dir).join(format!("{fsid}.json"));
+    remove_in(&records_dir(run_dir), fsid);
+}
+
+fn remove_in(dir: &Path, fsid: &str) {
+    let path = dir.join(format!("{fsid}.json"));
     if let Err(e) = std::fs::remove_file(&path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(path = %path.display(), "removing an image record: {e}");
@@ -92,7 +127,11 @@ pub fn load(run_dir: &Path, fsid: &str) -> Option<ImageRecord> {
 
 /// Every record, sorted by fsid. Unreadable ones are reported and skipped.
 pub fn load_all(run_dir: &Path) -> Vec<ImageRecord> {
-    let Ok(entries) = std::fs::read_dir(records_dir(run_dir)) else {
+    load_all_in(&records_dir(run_dir))
+}
+
+fn load_all_in(dir: &Path) -> Vec<ImageRecord> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
     let mut out = Vec::new();
@@ -192,7 +231,20 @@ fn adopt_one(ctx: &ApiContext, rec: &ImageRecord) -> Result<(), DaemonError> {
 /// return wrong bytes.
 pub fn adopt_all(ctx: &ApiContext) -> usize {
     let mut n = 0;
-    for rec in load_all(&ctx.run_dir) {
+    let mut records = load_all(&ctx.run_dir);
+    // Pulled images the run dir forgot (a reboot): registered again,
+    // unmounted, with a fresh run record.
+    for rec in load_all_in(&kept_dir(&ctx.cache_dir)) {
+        if records.iter().any(|r| r.fsid == rec.fsid) {
+            continue;
+        }
+        if let Err(e) = save(&ctx.run_dir, &rec) {
+            tracing::warn!(fsid = %rec.fsid, "recording a kept image: {e}");
+        }
+        tracing::info!(fsid = %rec.fsid, "registering a pulled image again (kept across a reboot)");
+        records.push(rec);
+    }
+    for rec in records {
         match adopt_one(ctx, &rec) {
             Ok(()) => {
                 n += 1;

@@ -437,7 +437,9 @@ async fn handle(
                         img.kept.store(true, Ordering::Relaxed);
                         if let Some(mut rec) = crate::adopt::load(&ctx.run_dir, &fsid) {
                             rec.kept = true;
-                            if let Err(e) = crate::adopt::save(&ctx.run_dir, &rec) {
+                            let saved = crate::adopt::save(&ctx.run_dir, &rec)
+                                .and_then(|()| crate::adopt::save_kept(&ctx.cache_dir, &rec));
+                            if let Err(e) = saved {
                                 tracing::warn!(fsid = %fsid, "recording a pull: {e}");
                             }
                         }
@@ -574,6 +576,7 @@ pub(crate) fn forget_image(ctx: &ApiContext, fsid: &str) -> bool {
     }
     if removed {
         crate::adopt::remove(&ctx.run_dir, fsid);
+        crate::adopt::remove_kept(&ctx.cache_dir, fsid);
     }
     if let (true, Some(fan)) = (removed, &ctx.fanotify) {
         fan.unpin(fsid);
@@ -949,6 +952,9 @@ async fn register(
                 kept: old.is_some_and(|o| o.kept) || img.kept.load(Ordering::Relaxed),
             };
             crate::adopt::save(&ctx.run_dir, &record)?;
+            if record.kept {
+                crate::adopt::save_kept(&ctx.cache_dir, &record)?;
+            }
             Ok(img)
         })
         .await?

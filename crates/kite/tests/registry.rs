@@ -1099,6 +1099,28 @@ fn offline_an_image_used_before_mounts_misses_fail_fast_and_recover_and_a_pulled
     // A last unmount keeps a pulled image registered; kite rm forgets it.
     umount(&daemon, &mnt);
     assert_eq!(daemon.status()["images"].as_array().unwrap().len(), 1);
+    // A reboot: the daemon stops and /run's records are gone (tmpfs). The
+    // pulled image is registered again at start, still offline, and runs.
+    let run_records = daemon.socket.parent().unwrap().join("images");
+    daemon.stop();
+    std::fs::remove_dir_all(&run_records).unwrap();
+    let daemon = start_daemon(&d.join("daemon"));
+    let images = daemon.status()["images"].as_array().unwrap().clone();
+    assert_eq!(
+        images.len(),
+        1,
+        "the pulled image is registered after a reboot"
+    );
+    assert_eq!(images[0]["kept"], true, "{images:?}");
+    ok(
+        mount_ref(&daemon, &pinned, &mnt),
+        "mount the pulled image offline after a reboot",
+    );
+    assert!(
+        read_all(&mnt) == want,
+        "the pulled image reads differently after a reboot"
+    );
+    umount(&daemon, &mnt);
     let fsid = daemon.status()["images"][0]["fsid"]
         .as_str()
         .unwrap()
@@ -1112,4 +1134,11 @@ fn offline_an_image_used_before_mounts_misses_fail_fast_and_recover_and_a_pulled
         "kite rm",
     );
     assert_eq!(daemon.status()["images"].as_array().unwrap().len(), 0);
+    let kept = daemon.cache.join("kept-images");
+    assert_eq!(
+        std::fs::read_dir(&kept).map(|r| r.count()).unwrap_or(0),
+        0,
+        "kite rm leaves no kept record in {}",
+        kept.display()
+    );
 }
