@@ -1014,6 +1014,17 @@ pub(crate) fn install(
         .lock()
         .map_err(|_| DaemonError::Poisoned)?
         .insert(prepared, backend, ctx.fetch_timeout);
+    // cachefiles: other blobs may copy chunks from this one's kernel cache
+    // file while it is not in use (the fanotify path sets its own reader
+    // when it prepares the blob files).
+    if ctx.fanotify.is_none() {
+        for b in &img.blobs {
+            b.set_local_reader(Arc::new(crate::gc::KernelCacheFile::new(
+                &ctx.cache_dir,
+                b.digest.hex(),
+            )));
+        }
+    }
     tracing::info!(fsid = %img.fsid, source = %img.source, blobs = img.blobs.len(), "registered image");
     Ok(img)
 }

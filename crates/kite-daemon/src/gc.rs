@@ -267,6 +267,91 @@ fn cache_object_files(cache_dir: &Path) -> Vec<(std::path::PathBuf, String)> {
     out
 }
 
+/// cachefiles: reads a blob's data back from the kernel's cache file, for
+/// the chunk index ([`crate::blob::index`]). The file has a name only while
+/// no object uses it (an image that was mounted and is not now), so this
+/// finds it when it can and says `NotFound` otherwise; the kernel writes
+/// the file at the blob's uncompressed-layout offsets, as the daemon wrote
+/// them. The caller verifies every byte.
+pub struct KernelCacheFile {
+    cache_dir: std::path::PathBuf,
+    key: String,
+    found: std::sync::Mutex<Option<std::path::PathBuf>>,
+    /// When a search last found nothing: not searched again for a while
+    /// (a blob's chunks are looked up one by one).
+    missed: std::sync::Mutex<Option<Instant>>,
+}
+
+impl KernelCacheFile {
+    pub fn new(cache_dir: &Path, key: String) -> Self {
+        Self {
+            cache_dir: cache_dir.to_path_buf(),
+            key,
+            found: std::sync::Mutex::new(None),
+            missed: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn locate(&self) -> Option<std::path::PathBuf> {
+        let name = format!("D{}", self.key);
+        let vols = std::fs::read_dir(self.cache_dir.join("cache")).ok()?;
+        for vol in vols.flatten() {
+            if !vol.file_name().to_string_lossy().starts_with('I') {
+                continue;
+            }
+            let Ok(fans) = std::fs::read_dir(vol.path()) else {
+                continue;
+            };
+            for fan in fans.flatten() {
+                let p = fan.path().join(&name);
+                if p.is_file() {
+                    return Some(p);
+                }
+            }
+        }
+        None
+    }
+}
+
+impl crate::blob::LocalRead for KernelCacheFile {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let known = self.found.lock().ok().and_then(|f| f.clone());
+        let open = |p: &Path| std::fs::File::open(p);
+        let file = match known.as_deref().map(open) {
+            Some(Ok(f)) => f,
+            _ => {
+                let not_found = || {
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("no unused kernel cache file for {}", self.key),
+                    )
+                };
+                let recently_missed = self
+                    .missed
+                    .lock()
+                    .ok()
+                    .and_then(|m| *m)
+                    .is_some_and(|t| t.elapsed() < Duration::from_secs(2));
+                if recently_missed {
+                    return Err(not_found());
+                }
+                let Some(p) = self.locate() else {
+                    if let Ok(mut m) = self.missed.lock() {
+                        *m = Some(Instant::now());
+                    }
+                    return Err(not_found());
+                };
+                let f = open(&p)?;
+                if let Ok(mut slot) = self.found.lock() {
+                    *slot = Some(p);
+                }
+                f
+            }
+        };
+        std::os::unix::fs::FileExt::read_exact_at(&file, buf, off)
+    }
+}
+
 /// Allocated bytes of the cache's files (blob files count what is on
 /// disk, not their sparse size; on the cachefiles path the kernel's cache
 /// files of images no longer mounted count too).

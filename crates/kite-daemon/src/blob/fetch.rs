@@ -539,10 +539,18 @@ impl BlobState {
                     let res = if srec.uncompressed_size != rec.uncompressed_size {
                         Err("sizes differ".to_string())
                     } else {
-                        reader
-                            .read_at(srec.uncompressed_offset, &mut buf.as_mut_slice()[..n])
-                            .map_err(|e| e.to_string())
-                            .and_then(|()| {
+                        match reader.read_at(srec.uncompressed_offset, &mut buf.as_mut_slice()[..n]) {
+                            // The source cannot be read now (a cachefiles
+                            // file in use has no name): fetch, keep the
+                            // entry for later.
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                                tracing::debug!(blob = %me, source = %src.digest, "local copy unavailable: {e}");
+                                return None;
+                            }
+                            r => r,
+                        }
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| {
                                 let got = Digest::of(&buf.as_slice()[..n]);
                                 if got == rec.digest {
                                     Ok(())

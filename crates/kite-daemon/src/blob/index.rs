@@ -19,9 +19,11 @@
 //! compared before a copy is used), one holder per chunk; when a blob is
 //! dropped its entries go to other blobs holding the same chunks.
 //!
-//! Only blobs whose kernel path can read its own cache without the kernel
-//! are sources (the fanotify path's blob files); on the cachefiles path
-//! no blob has a [`LocalRead`] and every lookup misses.
+//! A source is read through its [`LocalRead`], which the kernel path
+//! sets: the fanotify path's blob file, or on the cachefiles path the
+//! kernel's cache file, which has a name (and can be read) only while no
+//! object uses it; a source that cannot be read now (`NotFound`) keeps its
+//! entry and the chunk is fetched.
 
 use std::collections::HashMap;
 use std::io;
