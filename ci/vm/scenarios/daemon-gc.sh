@@ -9,8 +9,10 @@
 # after the page cache is dropped (served from the kernel's cache, no new
 # fetch of the shared blob), and image 1 mounts again and reads every byte
 # right (fetched again). A cache file is never culled while mounted:
-# `kite gc` with both images mounted culls nothing.
-SCENARIO_TIMEOUT=120
+# `kite gc` with both images mounted culls nothing. Then, under
+# `--cache-size 1M`, the image that is registered but not mounted is
+# evicted and its cache files culled; the mounted one stays and reads right.
+SCENARIO_TIMEOUT=150
 
 scenario_host() {
     data=$1
@@ -114,5 +116,26 @@ scenario_guest() {
     kite umount /mnt/i1 >&2 || dl_fail "kite umount of image 1 failed"
     kite umount /mnt/i2 >&2 || dl_fail "kite umount of image 2 failed"
     dl_daemon_stop
-    echo "nothing culled while mounted; image 1 forgotten: its own blob's and bootstrap's cache files culled after $i gc rounds; image 2 (sharing a blob) read again from the kernel's cache with no new fetch; image 1 remounted and read right; cache files named while mounted:${named:- none}" >"$KITE_DETAIL"
+
+    # The size bound: a daemon bounded far below the two images evicts the
+    # one that is registered but not mounted (after it has been idle 5 s)
+    # and culls its cache files; the mounted one stays and reads right.
+    dl_daemon_start --gc-grace 0 --cache-size 1M
+    kite mount /data/img1 /mnt/i1 >&2 || dl_fail "bound: mounting image 1 failed"
+    read_tree 1
+    umount /mnt/i1 || dl_fail "bound: umount of image 1 failed"
+    kite mount /data/img2 /mnt/i2 >&2 || dl_fail "bound: mounting image 2 failed"
+    read_tree 2
+    i=0
+    while present "$own1" || [ -n "$(dl_status_flat | awk -v f="$fsid1" '$1 == "image" && $2 == f')" ]; do
+        i=$((i + 1))
+        [ "$i" -lt 100 ] || dl_fail "bound: image 1 (unmounted) was not evicted and culled within 20 s"
+        sleep 0.2
+    done
+    grep -q "evicted an unmounted image" "$DL_LOG" || dl_fail "bound: no eviction logged"
+    echo 3 >/proc/sys/vm/drop_caches
+    read_tree 2
+    kite umount /mnt/i2 >&2 || dl_fail "bound: kite umount of image 2 failed"
+    dl_daemon_stop
+    echo "bound 1M: the unmounted image evicted and culled, the mounted one kept and read right; nothing culled while mounted; image 1 forgotten: its own blob's and bootstrap's cache files culled after $i gc rounds; image 2 (sharing a blob) read again from the kernel's cache with no new fetch; image 1 remounted and read right; cache files named while mounted:${named:- none}" >"$KITE_DETAIL"
 }
