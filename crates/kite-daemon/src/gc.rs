@@ -148,8 +148,17 @@ pub fn collect(
         let hex = name.strip_suffix(".fetched")?;
         is_hex(hex).then(|| blobs.contains(hex))
     });
+    // A bootstrap is kept just before its image is inserted: a young one
+    // may belong to a registration in progress.
+    let young_boot = |name: &str| {
+        std::fs::metadata(cache_dir.join("bootstraps").join(name))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < Duration::from_secs(60))
+    };
     let n_boot = sweep(&cache_dir.join("bootstraps"), &|name| {
-        is_hex(name).then(|| fsids.contains(name))
+        is_hex(name).then(|| fsids.contains(name) || young_boot(name))
     });
     // A manifest is kept before its image is registered: a young one may
     // belong to a registration in progress.
@@ -166,8 +175,8 @@ pub fn collect(
     // cachefiles: the kernel's cache files of blobs and bootstraps no
     // image references, culled through the device (the kernel refuses a
     // file an object still uses: Busy, tried again next time).
-    let mut n_objects = 0;
-    if let Some(culler) = daemon.culler.get() {
+    let mut cull_list: Vec<(std::path::PathBuf, String, u64)> = Vec::new();
+    if daemon.culler.get().is_some() {
         for (dir, name) in cache_object_files(cache_dir) {
             let Some(key) = name.strip_prefix('D').filter(|k| is_hex(k)) else {
                 continue;
@@ -185,6 +194,23 @@ pub fn collect(
             let freed = std::fs::symlink_metadata(&path)
                 .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
                 .unwrap_or(0);
+            // Kept in `seen` until culled (a busy file is tried again).
+            still.insert(path);
+            cull_list.push((dir, name, freed));
+        }
+    }
+    // Forget files that went away or became referenced again.
+    seen.retain(|p, _| still.contains(p));
+    drop(seen);
+    drop(registry);
+    // Culls run after the registry lock is released: the kernel frees the
+    // file's blocks inside the command, and OPENs take that lock. A file
+    // an image started using meanwhile is refused by the kernel (busy); an
+    // image registered meanwhile and not yet mounted fetches again.
+    let mut n_objects = 0;
+    if let Some(culler) = daemon.culler.get() {
+        for (dir, name, freed) in cull_list {
+            let path = dir.join(&name);
             match culler.cull(&dir, &name) {
                 Ok(kite_kernel::cachefiles::Culled::Removed) => {
                     n_objects += 1;
@@ -193,13 +219,9 @@ pub fn collect(
                 }
                 Ok(kite_kernel::cachefiles::Culled::Busy) => {
                     tracing::debug!(path = %path.display(), "cache file in use: culled later");
-                    still.insert(path);
                 }
                 Ok(kite_kernel::cachefiles::Culled::Missing) => {}
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), "culling: {e}");
-                    still.insert(path);
-                }
+                Err(e) => tracing::warn!(path = %path.display(), "culling: {e}"),
             }
         }
     }
@@ -212,10 +234,6 @@ pub fn collect(
         freed_bytes,
         waiting,
     };
-    // Forget files that went away or became referenced again.
-    seen.retain(|p, _| still.contains(p));
-    drop(seen);
-    drop(registry);
     for p in doomed {
         if let Err(e) = std::fs::remove_file(&p) {
             tracing::warn!(path = %p.display(), "unlinking a collected file: {e}");

@@ -15,8 +15,11 @@
 //! is only ever saved from a snapshot taken before the blob file was
 //! synced (`persist` in lib.rs), and it is never trusted unchecked: a file
 //! whose checksum, magic, length or blob does not match is reported as
-//! [`Loaded::Corrupt`], and the fanotify path rebuilds the map by
-//! verifying the blob file's chunks against their sha256.
+//! [`Loaded::Corrupt`] and replaced by an empty map (registry.rs), so every
+//! chunk is fetched and verified again rather than read from the file.
+//! Files of the older, unchecked format (kite before this format) are
+//! treated the same way: a node upgraded from it fetches its data again
+//! once.
 
 use std::path::Path;
 

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use kite_format::{align4k, ChunkDecoder, Digest};
 use kite_kernel::cachefiles::CacheObject;
 use kite_kernel::uring::AlignedBuf;
@@ -18,6 +19,32 @@ use crate::backend::FetchError;
 
 /// How long a failed chunk is answered from the negative cache.
 pub const FAILURE_TTL: Duration = Duration::from_secs(2);
+
+/// Fetch runs in flight that a reader waits for (demand), across the
+/// process: the prefetcher starts no new run while there are any, so
+/// readers get the bandwidth first and the background uses what is left.
+static DEMAND_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Demand runs in flight now.
+pub fn demand_runs() -> usize {
+    DEMAND_RUNS.load(Ordering::Relaxed)
+}
+
+/// Counts one demand run for as long as it lives.
+struct DemandRun;
+
+impl DemandRun {
+    fn start() -> Self {
+        DEMAND_RUNS.fetch_add(1, Ordering::Relaxed);
+        DemandRun
+    }
+}
+
+impl Drop for DemandRun {
+    fn drop(&mut self) {
+        DEMAND_RUNS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// What a READ waits on: one receiver per chunk it needs.
 pub type Waits = Vec<(usize, watch::Receiver<Outcome>)>;
@@ -327,7 +354,11 @@ impl BlobState {
         for (run, requested, senders) in runs {
             let me = Arc::clone(self);
             let obj = Arc::clone(object);
-            tokio::spawn(async move { me.fetch_run(run, requested, senders, obj).await });
+            let demand = requested.iter().any(|&r| r).then(DemandRun::start);
+            tokio::spawn(async move {
+                me.fetch_run(run, requested, senders, obj).await;
+                drop(demand);
+            });
         }
         Ok(waits)
     }
@@ -360,6 +391,9 @@ impl BlobState {
             .collect();
         // 2. The rest from the backend: consecutive chunks of the run are
         // contiguous in the stored blob, so each stretch is one request.
+        // The requests run concurrently (a shared future each, driven by
+        // its chunks' tasks), and each chunk is decoded and written as
+        // soon as its stretch is in.
         let mut k = 0;
         while k < run.len() {
             if jobs[k].is_some() {
@@ -370,49 +404,58 @@ impl BlobState {
             while e < run.len() && jobs[e].is_none() {
                 e += 1;
             }
-            let part = &run[k..e];
-            let (start, fetched) = self.fetch_stored(part).await;
-            for (slot, &i) in jobs[k..e].iter_mut().zip(part) {
+            let part = run[k..e].to_vec();
+            let part_fetch = {
+                let me = Arc::clone(&self);
+                let part = part.clone();
+                async move { me.fetch_stored(&part).await }.boxed().shared()
+            };
+            for (slot, &i) in jobs[k..e].iter_mut().zip(&part) {
                 let rec = self.chunks[i];
                 let digest = self.digest;
-                let stored = fetched.as_ref().map_err(Clone::clone).map(|bytes| {
-                    let off = (rec.compressed_offset - start) as usize;
-                    bytes.slice(off..off + rec.compressed_size as usize)
-                });
-                let decoded = tokio::task::spawn_blocking(move || {
-                    let stored = stored.map_err(ChunkError::Fetch)?;
-                    // Decode straight into the page-aligned buffer whose
-                    // padded extent is written to the cache: the decoder
-                    // fills the head, the padding is zero.
-                    let n = rec.uncompressed_size as usize;
-                    let mut buf = AlignedBuf::with_zero_tail(align4k(n as u64) as usize, n);
-                    with_decoder(|dec| {
-                        dec.decode_into(digest, i, &rec, &stored, buf.as_mut_slice())
-                            .map_err(|e| {
-                                ChunkStepError::Chunk(ChunkError::Corrupt { why: e.to_string() })
-                            })
-                    })
-                    .map_err(|e| match e {
-                        ChunkStepError::Chunk(e) => e,
-                        ChunkStepError::Local(why) => ChunkError::Local {
-                            blob: digest,
-                            chunk: i,
-                            why,
-                        },
-                    })?;
-                    Ok(buf)
-                });
+                let part_fetch = part_fetch.clone();
                 let me = Arc::clone(&self);
                 let object = Arc::clone(&object);
                 *slot = Some(tokio::spawn(async move {
-                    let buf = decoded.await.unwrap_or_else(|e| {
+                    let (start, fetched) = part_fetch.await;
+                    let stored = fetched.map(|bytes| {
+                        let off = (rec.compressed_offset - start) as usize;
+                        bytes.slice(off..off + rec.compressed_size as usize)
+                    });
+                    let decoded = tokio::task::spawn_blocking(move || {
+                        let stored = stored.map_err(ChunkError::Fetch)?;
+                        // Decode straight into the page-aligned buffer
+                        // whose padded extent is written to the cache: the
+                        // decoder fills the head, the padding is zero.
+                        let n = rec.uncompressed_size as usize;
+                        let mut buf = AlignedBuf::with_zero_tail(align4k(n as u64) as usize, n);
+                        with_decoder(|dec| {
+                            dec.decode_into(digest, i, &rec, &stored, buf.as_mut_slice())
+                                .map_err(|e| {
+                                    ChunkStepError::Chunk(ChunkError::Corrupt {
+                                        why: e.to_string(),
+                                    })
+                                })
+                        })
+                        .map_err(|e| match e {
+                            ChunkStepError::Chunk(e) => e,
+                            ChunkStepError::Local(why) => ChunkError::Local {
+                                blob: digest,
+                                chunk: i,
+                                why,
+                            },
+                        })?;
+                        Ok(buf)
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
                         Err(ChunkError::Local {
                             blob: digest,
                             chunk: i,
                             why: format!("decode task: {e}"),
                         })
                     });
-                    me.write_step(&object, i, buf).await
+                    me.write_step(&object, i, decoded).await
                 }));
             }
             k = e;

@@ -127,9 +127,11 @@ impl ChunkIndex {
         // Upgraded (and possibly dropped) outside the lock: the last
         // reference going away runs BlobState's drop, which detaches.
         let blob = weak.upgrade()?;
-        let usable = blob.chunks.get(chunk).map(|c| &c.digest) == Some(digest)
-            && blob.is_fetched(chunk)
-            && blob.local.get().is_some();
+        // No reader yet (the kernel path sets it just after registration):
+        // not now, but the entry stays.
+        blob.local.get()?;
+        let usable =
+            blob.chunks.get(chunk).map(|c| &c.digest) == Some(digest) && blob.is_fetched(chunk);
         if usable {
             Some((blob, chunk))
         } else {
@@ -140,11 +142,34 @@ impl ChunkIndex {
     }
 
     /// Drop the entry for `digest` if it points into `slot` (a copy from
-    /// there failed, or the chunk is gone).
+    /// there failed verification, or the chunk is gone there), and offer
+    /// the chunk from another blob holding it, if any.
     pub fn forget(&self, digest: &Digest, slot: u32) {
-        let mut g = self.lock();
-        if g.by_key.get(&key(digest)).is_some_and(|e| e.0 == slot) {
+        let others: Vec<(u32, Weak<BlobState>)> = {
+            let mut g = self.lock();
+            if g.by_key.get(&key(digest)).is_none_or(|e| e.0 != slot) {
+                return;
+            }
             g.by_key.remove(&key(digest));
+            g.blobs
+                .iter()
+                .filter(|(s, _)| **s != slot)
+                .map(|(s, w)| (*s, w.clone()))
+                .collect()
+        };
+        // Another holder (upgraded, scanned and dropped outside the lock;
+        // rare: only after a failed copy).
+        for (other, weak) in others {
+            let Some(blob) = weak.upgrade() else { continue };
+            let held = blob
+                .chunks
+                .iter()
+                .position(|c| &c.digest == digest)
+                .filter(|&i| blob.is_fetched(i));
+            if let Some(i) = held {
+                self.add(other, &blob, &[i]);
+                return;
+            }
         }
     }
 
