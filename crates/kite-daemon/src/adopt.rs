@@ -44,6 +44,10 @@ pub struct ImageRecord {
     /// Pulled for keeping (`kite pull`): only `kite rm` forgets it.
     #[serde(default)]
     pub kept: bool,
+    /// Fetched whole in the background (`kite mount --prefetch all`): a
+    /// new worker queues what is still missing again.
+    #[serde(default)]
+    pub prefetch_all: bool,
 }
 
 fn records_dir(run_dir: &Path) -> PathBuf {
@@ -212,6 +216,9 @@ fn adopt_one(ctx: &ApiContext, rec: &ImageRecord) -> Result<(), DaemonError> {
     let img = crate::api::install(ctx, bytes, backend, source)?;
     img.kept
         .store(rec.kept, std::sync::atomic::Ordering::Relaxed);
+    // Queued again once the worker serves (`resume_prefetch`).
+    img.prefetch_all
+        .store(rec.prefetch_all, std::sync::atomic::Ordering::Relaxed);
     if let Some(fan) = &ctx.fanotify {
         fan.prepare(&img)?;
         if let Ok(mut m) = img.direct_io_mounts.lock() {
@@ -224,6 +231,28 @@ fn adopt_one(ctx: &ApiContext, rec: &ImageRecord) -> Result<(), DaemonError> {
         }
     }
     Ok(())
+}
+
+/// Queue again what images fetched whole in the background still miss
+/// (after a worker restart). Runs once the worker serves: on the fanotify
+/// path starting a blob's prefetch reads it, which the worker answers.
+pub async fn resume_prefetch(ctx: Arc<ApiContext>) {
+    let images: Vec<_> = match ctx.daemon.registry.lock() {
+        Ok(r) => r.images(),
+        Err(_) => return,
+    };
+    for img in images {
+        if !img.prefetch_all.load(std::sync::atomic::Ordering::Relaxed) {
+            continue;
+        }
+        match crate::api::queue_all(&ctx, &img).await {
+            Ok(n) => tracing::info!(fsid = %img.fsid, queued = n, "background prefetch resumed"),
+            // cachefiles: it starts when the kernel opens the blob again.
+            Err(e) => {
+                tracing::info!(fsid = %img.fsid, "background prefetch queued, not started yet: {e}")
+            }
+        }
+    }
 }
 
 /// Adopt every recorded image; returns how many were adopted. An image

@@ -197,6 +197,10 @@ pub struct ImageStatus {
     /// Pulled for keeping (`kite pull`): only `kite rm` forgets it.
     #[serde(default)]
     pub kept: bool,
+    /// Every chunk is being fetched in the background (`kite mount
+    /// --prefetch all`); progress is the blobs' `missing_chunks`.
+    #[serde(default)]
+    pub prefetch_all: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -308,6 +312,7 @@ pub fn images_status(
             bootstrap_size: img.bootstrap.len(),
             registered_at: img.registered_at,
             kept: img.kept.load(Ordering::Relaxed),
+            prefetch_all: img.prefetch_all.load(Ordering::Relaxed),
             last_miss: img
                 .blobs
                 .iter()
@@ -427,12 +432,33 @@ async fn handle(
                 None => error(StatusCode::NOT_FOUND, &format!("no image {fsid}")),
             }
         }
+        (Method::POST, p) if image_route(p, "prefetch").is_some() => {
+            let fsid = image_route(p, "prefetch").unwrap_or_default().to_string();
+            let img = ctx.daemon.registry.lock().ok().and_then(|r| r.image(&fsid));
+            match img {
+                None => error(StatusCode::NOT_FOUND, &format!("no image {fsid}")),
+                Some(img) => match queue_all(&ctx, &img).await {
+                    Ok(queued) => {
+                        img.prefetch_all.store(true, Ordering::Relaxed);
+                        // A new worker queues it again (resumable).
+                        if let Some(mut rec) = crate::adopt::load(&ctx.run_dir, &fsid) {
+                            rec.prefetch_all = true;
+                            if let Err(e) = crate::adopt::save(&ctx.run_dir, &rec) {
+                                tracing::warn!(fsid = %fsid, "recording a background prefetch: {e}");
+                            }
+                        }
+                        json(StatusCode::OK, &serde_json::json!({ "queued": queued }))
+                    }
+                    Err(e) => error(StatusCode::CONFLICT, &e),
+                },
+            }
+        }
         (Method::POST, p) if image_route(p, "pull").is_some() => {
             let fsid = image_route(p, "pull").unwrap_or_default().to_string();
             let img = ctx.daemon.registry.lock().ok().and_then(|r| r.image(&fsid));
             match img {
                 None => error(StatusCode::NOT_FOUND, &format!("no image {fsid}")),
-                Some(img) => match pull(&ctx, &img).await {
+                Some(img) => match queue_all(&ctx, &img).await {
                     Ok(queued) => {
                         img.kept.store(true, Ordering::Relaxed);
                         if let Some(mut rec) = crate::adopt::load(&ctx.run_dir, &fsid) {
@@ -584,12 +610,16 @@ pub(crate) fn forget_image(ctx: &ApiContext, fsid: &str) -> bool {
     removed
 }
 
-/// `kite pull`: queue every chunk of `img` not on disk for the
-/// prefetcher. On the fanotify path a one-byte read of each blob file
-/// (which the daemon answers like any miss) hands the prefetcher the
+/// `kite pull` and `kite mount --prefetch all`: queue every chunk of `img`
+/// not on disk for the prefetcher (after what is queued already, so a
+/// profile goes first). On the fanotify path a one-byte read of each blob
+/// file (which the daemon answers like any miss) hands the prefetcher the
 /// event's fd, so no mount is needed; on cachefiles the kernel hands over
 /// a blob's object only while the image is mounted.
-async fn pull(ctx: &Arc<ApiContext>, img: &crate::registry::Image) -> Result<usize, String> {
+pub(crate) async fn queue_all(
+    ctx: &Arc<ApiContext>,
+    img: &crate::registry::Image,
+) -> Result<usize, String> {
     let mut queued = 0;
     for b in &img.blobs {
         let (first, n) = b.queue_missing();
@@ -631,7 +661,7 @@ async fn pull(ctx: &Arc<ApiContext>, img: &crate::registry::Image) -> Result<usi
             }
         }
     }
-    tracing::info!(fsid = %img.fsid, queued, "pull: missing chunks queued");
+    tracing::info!(fsid = %img.fsid, queued, "every missing chunk queued for the prefetcher");
     Ok(queued)
 }
 
@@ -949,7 +979,8 @@ async fn register(
                     .as_ref()
                     .map(|o| o.mountpoints.clone())
                     .unwrap_or_default(),
-                kept: old.is_some_and(|o| o.kept) || img.kept.load(Ordering::Relaxed),
+                kept: old.as_ref().is_some_and(|o| o.kept) || img.kept.load(Ordering::Relaxed),
+                prefetch_all: old.is_some_and(|o| o.prefetch_all),
             };
             crate::adopt::save(&ctx.run_dir, &record)?;
             if record.kept {
@@ -1160,6 +1191,17 @@ impl Client {
             )
             .await?;
         Self::decode::<serde_json::Value>(s, &b).map(|_| ())
+    }
+
+    /// Fetch every chunk of image `fsid` in the background, after its
+    /// profile, while readers go first (`kite mount --prefetch all`); how
+    /// many were queued.
+    pub async fn prefetch_all(&self, fsid: &str) -> Result<u64, DaemonError> {
+        let (s, b) = self
+            .call(Method::POST, &format!("/v1/images/{fsid}/prefetch"), None)
+            .await?;
+        let v: serde_json::Value = Self::decode(s, &b)?;
+        Ok(v["queued"].as_u64().unwrap_or(0))
     }
 
     /// Queue every missing chunk of image `fsid` for fetching (`kite

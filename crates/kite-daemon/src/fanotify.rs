@@ -300,9 +300,12 @@ impl FanotifyPath {
             // Every read of a marked blob file is an event, of fetched
             // chunks too: the access log sees them all (an event without
             // a range says nothing about which chunks were read).
-            // The daemon's own reads (copying a chunk to another blob)
-            // are not the workload's.
-            if range.is_some() && ev.pid() != self.own_pid {
+            // The daemon's own reads (copying a chunk to another blob) are
+            // not the workload's: no access recorded, and a hit starts no
+            // readahead for nobody. (They still hand over the event's fd:
+            // `kite pull` and background prefetch start that way.)
+            let own = ev.pid() == self.own_pid;
+            if range.is_some() && !own {
                 bf.blob.record_access(bf.blob.chunks_for(off, count));
             }
             // The event's fd writes without raising events: a queued
@@ -318,7 +321,7 @@ impl FanotifyPath {
             if want.is_empty() {
                 // A hit: move a sequential reader's window forward before
                 // it gets there.
-                if let Some(at) = bf.blob.chunks_for(off, count).last() {
+                if let Some(at) = bf.blob.chunks_for(off, count).last().filter(|_| !own) {
                     if at > 0 && bf.blob.is_fetched(at - 1) {
                         bf.blob.read_ahead_from(
                             at,

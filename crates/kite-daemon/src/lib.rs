@@ -274,6 +274,8 @@ pub async fn run(cfg: DaemonConfig, h: Handoff) -> Result<(), DaemonError> {
         let ctx = Arc::clone(&ctx);
         api::serve_on(ctx, h.api)
     });
+    // Background prefetches the previous worker had not finished.
+    tokio::spawn(adopt::resume_prefetch(Arc::clone(&ctx)));
     // The automatic collection: what stayed unreferenced for the grace
     // period goes.
     let sweeper = (!cfg.gc_grace.is_zero()).then(|| {

@@ -84,6 +84,9 @@ pub struct Image {
     /// Pulled for keeping (`kite pull`): a last unmount or the
     /// snapshotter's removal leaves it registered; `kite rm` forgets it.
     pub kept: std::sync::atomic::AtomicBool,
+    /// Every chunk is being fetched in the background (`kite mount
+    /// --prefetch all`).
+    pub prefetch_all: std::sync::atomic::AtomicBool,
 }
 
 impl Image {
@@ -241,6 +244,7 @@ impl Registry {
             direct_io_mounts: std::sync::Mutex::new(Vec::new()),
             registered_at: crate::unix_now(),
             kept: std::sync::atomic::AtomicBool::new(false),
+            prefetch_all: std::sync::atomic::AtomicBool::new(false),
         });
         self.images.insert(p.fsid, Arc::clone(&img));
         img

@@ -121,15 +121,27 @@ pub fn check_kernel() -> Result<()> {
     Ok(())
 }
 
+/// What `kite mount` fetches ahead of the readers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Prefetch {
+    /// Nothing: only what readers miss (and its readahead).
+    None,
+    /// The image's prefetch profile, if it has one.
+    Profile,
+    /// The profile, then every other chunk, in the background.
+    All,
+}
+
 /// `kite mount SOURCE MOUNTPOINT`.
 pub async fn mount(
     source: MountSource,
     mountpoint: &Path,
     socket: &Path,
     backend_url: Option<String>,
-    prefetch: bool,
+    mode: Prefetch,
     read_ahead_kb: Option<u32>,
 ) -> Result<()> {
+    let prefetch = mode != Prefetch::None;
     check_kernel()?;
     let (req, label) = match source {
         MountSource::Dir(dir) => {
@@ -180,13 +192,24 @@ pub async fn mount(
     for w in &done.warnings {
         eprintln!("warning: {w}");
     }
+    let background = if mode == Prefetch::All {
+        match client.prefetch_all(&reg.fsid).await {
+            Ok(n) => format!("; fetching the other {n} missing chunks in the background"),
+            Err(e) => {
+                eprintln!("warning: background prefetch not started: {e}");
+                String::new()
+            }
+        }
+    } else {
+        String::new()
+    };
     let ra_note = match &done.read_ahead {
         Some((ra, bdi)) => format!(", readahead {ra} KiB ({bdi})"),
         None => String::new(),
     };
     let label = reg.pinned.clone().unwrap_or(label);
     println!(
-        "mounted {} (fsid {}, {} path{ra_note}) on {}{}",
+        "mounted {} (fsid {}, {} path{ra_note}) on {}{}{background}",
         label,
         reg.fsid,
         reg.kernel_path,

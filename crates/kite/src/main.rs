@@ -192,8 +192,15 @@ enum Cmd {
         /// Registry images: platform to pick from an index.
         #[arg(long, default_value = "linux/amd64")]
         platform: String,
-        /// Do not prefetch the image's profile (see `kite profile`).
-        #[arg(long)]
+        /// What to fetch ahead of the readers: `profile` (the image's
+        /// prefetch profile, if it has one; see `kite profile`), `all`
+        /// (the profile first, then every other chunk of the image in the
+        /// background, while readers' fetches go first; resumed after a
+        /// daemon restart), or `none`.
+        #[arg(long, value_enum, default_value_t = lazy::Prefetch::Profile)]
+        prefetch: lazy::Prefetch,
+        /// The same as `--prefetch none` (kept for older scripts).
+        #[arg(long, hide = true)]
         no_prefetch: bool,
         /// Readahead of the mount in KiB (default: the image's chunk size;
         /// 0 leaves the kernel's default, 128).
@@ -465,6 +472,7 @@ fn run(cli: Cli) -> Result<()> {
             username,
             password_stdin,
             platform,
+            prefetch,
             no_prefetch,
             read_ahead_kb,
         } => {
@@ -476,7 +484,11 @@ fn run(cli: Cli) -> Result<()> {
                 &mountpoint,
                 &socket,
                 backend_url,
-                !no_prefetch,
+                if no_prefetch {
+                    lazy::Prefetch::None
+                } else {
+                    prefetch
+                },
                 read_ahead_kb,
             ))?
         }

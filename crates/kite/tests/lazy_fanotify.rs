@@ -310,6 +310,96 @@ fn e_a_corrupt_fetch_state_is_never_trusted() {
 }
 
 #[test]
+fn h_background_prefetch_completes_the_image_and_resumes_after_a_worker_crash() {
+    if !require(
+        "h_background_prefetch_completes_the_image_and_resumes_after_a_worker_crash",
+        fanotify_path(),
+    ) {
+        return;
+    }
+    let dir = tempdir();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut want = std::collections::BTreeMap::new();
+    for i in 0..48u64 {
+        let data = noise(700 + i, (1 << 20) - 1000 * i as usize);
+        std::fs::write(src.join(format!("f{i:02}")), &data).unwrap();
+        want.insert(PathBuf::from(format!("f{i:02}")), data);
+    }
+    let conv = dir.path().join("conv");
+    convert(&format!("dir:{}", src.display()), &conv, &[]);
+    // One request per chunk, each answered after 300 ms: the background
+    // fetch takes seconds, so the worker dies in the middle of it.
+    let server = RangeServer::start(&conv);
+    server
+        .delay_ms
+        .store(300, std::sync::atomic::Ordering::Relaxed);
+    let d = Daemon::start(dir.path(), &["--merge-bound", "131072"]);
+    let m = d.mount(
+        &conv,
+        &dir.path().join("mnt"),
+        &["--prefetch", "all", "--backend-url", &server.url],
+    );
+    let image = |d: &Daemon| d.status()["images"][0].clone();
+    assert_eq!(image(&d)["prefetch_all"], true, "{}", image(&d));
+    let missing = |d: &Daemon| d.blob_sum("missing_chunks");
+    let t = Instant::now();
+    while d.blob_sum("fetched_chunks") == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no background fetch started: {}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = missing(&d);
+    assert!(
+        before > 0,
+        "the whole image arrived before the crash; the test needs a slower backend"
+    );
+    let worker = d.worker_pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let t = Instant::now();
+    while d.status()["health"]["pid"].as_i64().unwrap_or(0) as i32 == worker {
+        assert!(t.elapsed() < Duration::from_secs(10), "no new worker");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The new worker resumes it; nothing is read meanwhile.
+    let t = Instant::now();
+    while missing(&d) > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "background prefetch did not finish after the crash ({} chunks missing): {}",
+            missing(&d),
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        d.log_text().contains("background prefetch resumed"),
+        "{}",
+        d.log_text()
+    );
+    // Complete on disk: every byte right, and reading it fetches nothing.
+    let requests = server.requests.load(std::sync::atomic::Ordering::Relaxed);
+    drop_caches();
+    assert!(
+        read_all(&m.mnt) == want,
+        "the prefetched image reads differently"
+    );
+    assert_eq!(
+        server.requests.load(std::sync::atomic::Ordering::Relaxed),
+        requests,
+        "reading a complete image fetched again"
+    );
+    m.umount();
+}
+
+#[test]
 fn f_shared_layer_is_fetched_once() {
     if !require("f_shared_layer_is_fetched_once", fanotify_path()) {
         return;

@@ -1,6 +1,8 @@
-//! The prefetcher: profile chunks (and `kite pull`'s whole blob) queued
-//! per blob, fetched in the background into the last cache object the
-//! kernel path handed over, a bounded number of range requests at a time.
+//! The prefetcher: profile chunks (and, for `kite pull` and `kite mount
+//! --prefetch all`, every missing chunk after them) queued per blob,
+//! fetched in the background into the last cache object the kernel path
+//! handed over, a bounded number of range requests at a time, and none
+//! started while a fetch a reader waits for is in flight (readers first).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -186,6 +188,11 @@ impl BlobState {
                 let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
                     break 'windows;
                 };
+                // Readers first: no new background run while a fetch a
+                // reader waits for is in flight.
+                while super::fetch::demand_runs() > 0 && current(&self) {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
                 if !current(&self) {
                     // Not asked for yet: back in the queue for the next object.
                     break 'windows;
