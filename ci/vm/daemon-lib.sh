@@ -153,6 +153,16 @@ dl_status_flat() {
     '
 }
 
+# dl_check_tree N: mount /mnt/iN against the host's /data/manifestN (tree,
+# metadata and every file's content); fails the scenario with a diff.
+dl_check_tree() {
+    kite_manifest "/mnt/i$1" >"/tmp/manifest$1" || dl_fail "walking image $1 failed"
+    if ! cmp -s "/data/manifest$1" "/tmp/manifest$1"; then
+        diff "/data/manifest$1" "/tmp/manifest$1" | head -n 20 >&2
+        dl_fail "image $1: tree or contents differ from the host manifest"
+    fi
+}
+
 # dl_blob HEX FIELD [FSID]: a blob's status field (from the first image
 # listing it, or from image FSID). Empty when not found.
 dl_blob() {

@@ -45,17 +45,10 @@ scenario_guest() {
     blob1=$(kite inspect /data/img1/bootstrap --blobs-only)
     blob2=$(kite inspect /data/img2/bootstrap --blobs-only)
     changed=$(cat /data/changed)
-    read_tree() {
-        kite_manifest "/mnt/i$1" >"/tmp/manifest$1" || dl_fail "walking image $1 failed"
-        if ! cmp -s "/data/manifest$1" "/tmp/manifest$1"; then
-            diff "/data/manifest$1" "/tmp/manifest$1" | head -n 20 >&2
-            dl_fail "image $1: tree or content differs from the host's"
-        fi
-    }
     dl_daemon_start --gc-grace 0
     mkdir -p /mnt/i1 /mnt/i2
     kite mount /data/img1 /mnt/i1 >&2 || dl_fail "mounting v1 failed"
-    read_tree 1
+    dl_check_tree 1
     # A plain unmount keeps v1 registered; its cache file gets its name
     # once the kernel has withdrawn the object.
     umount /mnt/i1 || dl_fail "umount of v1 failed"
@@ -66,7 +59,7 @@ scenario_guest() {
         sleep 0.2
     done
     kite mount /data/img2 /mnt/i2 >&2 || dl_fail "mounting v2 failed"
-    read_tree 2
+    dl_check_tree 2
     copied=$(dl_blob "$blob2" copied_bytes "$fsid2")
     fetched=$(dl_blob "$blob2" backend_bytes "$fsid2")
     stored=$(dl_blob "$blob2" compressed_size "$fsid2")

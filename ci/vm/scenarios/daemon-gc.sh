@@ -67,19 +67,12 @@ scenario_guest() {
     fsid2=$(dl_fsid /data/img2)
     # present KEY: whether the kernel's cache file of KEY exists.
     present() { [ -n "$(find "$DL_CACHE/cache" -type f -name "D$1" 2>/dev/null)" ]; }
-    read_tree() {
-        kite_manifest "/mnt/i$1" >"/tmp/manifest$1" || dl_fail "walking image $1 failed"
-        if ! cmp -s "/data/manifest$1" "/tmp/manifest$1"; then
-            diff "/data/manifest$1" "/tmp/manifest$1" | head -n 20 >&2
-            dl_fail "image $1: tree or content differs from the host's"
-        fi
-    }
     dl_daemon_start --gc-grace 0
     mkdir -p /mnt/i1 /mnt/i2
     kite mount /data/img1 /mnt/i1 >&2 || dl_fail "mounting image 1 failed"
     kite mount /data/img2 /mnt/i2 >&2 || dl_fail "mounting image 2 failed"
-    read_tree 1
-    read_tree 2
+    dl_check_tree 1
+    dl_check_tree 2
 
     # Both mounted: nothing is culled (their objects are in use).
     out=$(kite gc --socket "$DL_SOCK") || dl_fail "kite gc failed"
@@ -107,12 +100,12 @@ scenario_guest() {
     # Image 2 reads from the kernel's cache: no new fetch of the shared blob.
     reqs=$(dl_blob "$shared" backend_requests "$fsid2")
     echo 3 >/proc/sys/vm/drop_caches
-    read_tree 2
+    dl_check_tree 2
     [ "$(dl_blob "$shared" backend_requests "$fsid2")" = "$reqs" ] || dl_fail "image 2 fetched the shared blob again after the collection"
 
     # Image 1 comes back: fetched again, every byte right.
     kite mount /data/img1 /mnt/i1 >&2 || dl_fail "mounting image 1 again failed"
-    read_tree 1
+    dl_check_tree 1
     kite umount /mnt/i1 >&2 || dl_fail "kite umount of image 1 failed"
     kite umount /mnt/i2 >&2 || dl_fail "kite umount of image 2 failed"
     dl_daemon_stop
@@ -122,10 +115,10 @@ scenario_guest() {
     # and culls its cache files; the mounted one stays and reads right.
     dl_daemon_start --gc-grace 0 --cache-size 1M
     kite mount /data/img1 /mnt/i1 >&2 || dl_fail "bound: mounting image 1 failed"
-    read_tree 1
+    dl_check_tree 1
     umount /mnt/i1 || dl_fail "bound: umount of image 1 failed"
     kite mount /data/img2 /mnt/i2 >&2 || dl_fail "bound: mounting image 2 failed"
-    read_tree 2
+    dl_check_tree 2
     i=0
     while present "$own1" || [ -n "$(dl_status_flat | awk -v f="$fsid1" '$1 == "image" && $2 == f')" ]; do
         i=$((i + 1))
@@ -134,7 +127,7 @@ scenario_guest() {
     done
     grep -q "evicted an unmounted image" "$DL_LOG" || dl_fail "bound: no eviction logged"
     echo 3 >/proc/sys/vm/drop_caches
-    read_tree 2
+    dl_check_tree 2
     kite umount /mnt/i2 >&2 || dl_fail "bound: kite umount of image 2 failed"
     dl_daemon_stop
     echo "bound 1M: the unmounted image evicted and culled, the mounted one kept and read right; nothing culled while mounted; image 1 forgotten: its own blob's and bootstrap's cache files culled after $i gc rounds; image 2 (sharing a blob) read again from the kernel's cache with no new fetch; image 1 remounted and read right; cache files named while mounted:${named:- none}" >"$KITE_DETAIL"

@@ -73,14 +73,6 @@ scenario_guest() {
     fsid2=$(dl_fsid /data/img2)
     # field FSID HEX KEY: a blob's status field as image FSID lists it.
     field() { dl_blob "$2" "$3" "$1"; }
-    # read_tree N: image N's whole tree and contents against the host's.
-    read_tree() {
-        kite_manifest "/mnt/i$1" >"/tmp/manifest$1" || dl_fail "walking image $1 failed"
-        if ! cmp -s "/data/manifest$1" "/tmp/manifest$1"; then
-            diff "/data/manifest$1" "/tmp/manifest$1" | head -n 20 >&2
-            dl_fail "image $1: tree or contents differ from the host manifest"
-        fi
-    }
 
     dl_daemon_start
     mkdir -p /mnt/i1 /mnt/i2
@@ -88,7 +80,7 @@ scenario_guest() {
     kite mount /data/img2 /mnt/i2 >&2 || dl_fail "kite mount of image 2 failed"
     [ -n "$(field "$fsid2" "$shared" chunks)" ] || dl_fail "status does not list the shared blob under image 2"
 
-    read_tree 1
+    dl_check_tree 1
     chunks=$(field "$fsid1" "$shared" chunks)
     f1=$(field "$fsid1" "$shared" fetched_chunks)
     r1=$(field "$fsid1" "$shared" backend_requests)
@@ -98,7 +90,7 @@ scenario_guest() {
     own2_before=$(field "$fsid2" "$own2" fetched_chunks)
     [ "$own2_before" = 0 ] || dl_fail "image 2's own blob has $own2_before chunks fetched before image 2 was read"
 
-    read_tree 2
+    dl_check_tree 2
     f2=$(field "$fsid2" "$shared" fetched_chunks)
     r2=$(field "$fsid2" "$shared" backend_requests)
     b2=$(field "$fsid2" "$shared" backend_bytes)
