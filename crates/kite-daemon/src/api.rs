@@ -1034,11 +1034,23 @@ pub(crate) fn install(
     let mut prepared = crate::registry::prepare(bytes, source, state_dir.as_deref())?;
     // Keep the bootstrap, so a new worker can adopt the image without the
     // network and without a remount; the image reads it from there.
+    // Announced first, so a collection running meanwhile leaves the file.
     let boot = crate::adopt::bootstrap_path(&ctx.cache_dir, &prepared.fsid);
-    prepared.keep_on_disk(&boot).map_err(|e| DaemonError::Io {
-        what: format!("keeping the bootstrap in {}", boot.display()),
-        source: e,
-    })?;
+    ctx.daemon
+        .registry
+        .lock()
+        .map_err(|_| DaemonError::Poisoned)?
+        .registering
+        .insert(prepared.fsid.clone());
+    if let Err(e) = prepared.keep_on_disk(&boot) {
+        if let Ok(mut r) = ctx.daemon.registry.lock() {
+            r.registering.remove(&prepared.fsid);
+        }
+        return Err(DaemonError::Io {
+            what: format!("keeping the bootstrap in {}", boot.display()),
+            source: e,
+        });
+    }
     let img = ctx
         .daemon
         .registry

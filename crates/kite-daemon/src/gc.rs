@@ -78,6 +78,9 @@ pub fn collect(
     let mut blobs = HashSet::new();
     let mut fsids = HashSet::new();
     let mut manifests = HashSet::new();
+    // A registration keeps its bootstrap just before it inserts the
+    // image: it is announced first, and counts as referenced.
+    fsids.extend(registry.registering.iter().cloned());
     for img in registry.images() {
         fsids.insert(img.fsid.clone());
         if let Some((_, d)) = img.source.rsplit_once("@sha256:") {
@@ -148,17 +151,8 @@ pub fn collect(
         let hex = name.strip_suffix(".fetched")?;
         is_hex(hex).then(|| blobs.contains(hex))
     });
-    // A bootstrap is kept just before its image is inserted: a young one
-    // may belong to a registration in progress.
-    let young_boot = |name: &str| {
-        std::fs::metadata(cache_dir.join("bootstraps").join(name))
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age < Duration::from_secs(60))
-    };
     let n_boot = sweep(&cache_dir.join("bootstraps"), &|name| {
-        is_hex(name).then(|| fsids.contains(name) || young_boot(name))
+        is_hex(name).then(|| fsids.contains(name))
     });
     // A manifest is kept before its image is registered: a young one may
     // belong to a registration in progress.

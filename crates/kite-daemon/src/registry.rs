@@ -168,6 +168,9 @@ pub struct Registry {
     pub readahead: usize,
     /// Where each chunk's content is on disk, across all blobs.
     pub chunk_index: Arc<crate::blob::ChunkIndex>,
+    /// Fsids whose registration is keeping their bootstrap on disk before
+    /// inserting the image: collection treats them as registered.
+    pub registering: std::collections::HashSet<String>,
 }
 
 impl Registry {
@@ -201,6 +204,7 @@ impl Registry {
         backend: Arc<dyn Backend>,
         timeout: Duration,
     ) -> Arc<Image> {
+        self.registering.remove(&p.fsid);
         if let Some(img) = self.images.get(&p.fsid) {
             return Arc::clone(img);
         }
