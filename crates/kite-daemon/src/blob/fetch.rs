@@ -25,9 +25,29 @@ pub const FAILURE_TTL: Duration = Duration::from_secs(2);
 /// readers get the bandwidth first and the background uses what is left.
 static DEMAND_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// When a demand run last started or ended (ms on a process clock).
+static LAST_DEMAND_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
 /// Demand runs in flight now.
 pub fn demand_runs() -> usize {
     DEMAND_RUNS.load(Ordering::Relaxed)
+}
+
+/// How long no demand run has been in flight (zero while one is).
+pub fn demand_idle() -> Duration {
+    if demand_runs() > 0 {
+        return Duration::ZERO;
+    }
+    let last = LAST_DEMAND_MS.load(Ordering::Relaxed);
+    if last == 0 {
+        return Duration::MAX;
+    }
+    Duration::from_millis(clock_ms().saturating_sub(last))
 }
 
 /// Counts one demand run for as long as it lives.
@@ -36,12 +56,14 @@ struct DemandRun;
 impl DemandRun {
     fn start() -> Self {
         DEMAND_RUNS.fetch_add(1, Ordering::Relaxed);
+        LAST_DEMAND_MS.store(clock_ms(), Ordering::Relaxed);
         DemandRun
     }
 }
 
 impl Drop for DemandRun {
     fn drop(&mut self) {
+        LAST_DEMAND_MS.store(clock_ms(), Ordering::Relaxed);
         DEMAND_RUNS.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -75,6 +75,10 @@ struct AccessLog {
 #[derive(Default)]
 struct Prefetch {
     queue: Vec<usize>,
+    /// Every other missing chunk (`kite pull`, `--prefetch all`): fetched
+    /// after the profile queue, one small request at a time, only while
+    /// no reader has fetched anything for a moment.
+    background: Vec<usize>,
     running: bool,
     /// Chunks some profile listed (each is queued once).
     profiled: Vec<bool>,

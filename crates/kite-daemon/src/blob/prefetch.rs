@@ -21,6 +21,13 @@ const PREFETCH_WINDOW_BYTES: u64 = 4 << 20;
 const PREFETCH_GAP_BYTES: u64 = 32 << 10;
 const PREFETCH_REQUESTS: usize = 8;
 
+/// The background queue (every other chunk): requests in flight, their
+/// largest span, and how long readers must have fetched nothing before
+/// one starts, so a reader's fetch waits behind at most one small request.
+const BACKGROUND_REQUESTS: usize = 1;
+const BACKGROUND_MAX_BYTES: u64 = 1 << 20;
+const BACKGROUND_IDLE: std::time::Duration = std::time::Duration::from_millis(300);
+
 impl BlobState {
     /// Queue profile chunks (in profile order) for prefetching, each chunk
     /// once; they are fetched as soon as a cache object for this blob is
@@ -58,14 +65,11 @@ impl BlobState {
             let missing: Vec<usize> = (0..self.chunks.len())
                 .filter(|&i| st.needed.as_ref().is_none_or(|n| n[i]) && !st.fetched[i])
                 .collect();
-            if !st.prefetch.profiled.is_empty() {
-                for &i in &missing {
-                    st.prefetch.profiled[i] = false;
-                }
-            }
+            st.prefetch.background = missing.clone();
             missing
         };
-        (missing.first().copied(), self.queue_prefetch(&missing))
+        self.kick_prefetch();
+        (missing.first().copied(), missing.len())
     }
 
     /// Whether the prefetcher can write into this blob's cache object now.
@@ -124,26 +128,28 @@ impl BlobState {
 
     /// Start the prefetcher if there is work, an object and none running.
     fn kick_prefetch(self: &Arc<Self>) {
-        let (queue, object, merge_bound, generation) = {
+        let (queue, object, merge_bound, generation, background) = {
             let mut st = self.lock();
             let p = &mut st.prefetch;
             let Some(object) = p.object.clone() else {
                 return;
             };
-            if p.running || p.queue.is_empty() {
+            if p.running || (p.queue.is_empty() && p.background.is_empty()) {
                 return;
             }
             p.running = true;
-            (
-                std::mem::take(&mut p.queue),
-                object,
-                p.merge_bound,
-                p.generation,
-            )
+            // The profile first; the background only once it is done.
+            let background = p.queue.is_empty();
+            let queue = if background {
+                std::mem::take(&mut p.background)
+            } else {
+                std::mem::take(&mut p.queue)
+            };
+            (queue, object, p.merge_bound, p.generation, background)
         };
         let me = Arc::clone(self);
         tokio::spawn(async move {
-            me.run_prefetch(queue, object, merge_bound, generation)
+            me.run_prefetch(queue, object, merge_bound, generation, background)
                 .await
         });
     }
@@ -160,9 +166,15 @@ impl BlobState {
         object: Arc<dyn CacheObject>,
         merge_bound: u64,
         generation: u64,
+        background: bool,
     ) {
         let started = std::time::Instant::now();
-        let slots = Arc::new(tokio::sync::Semaphore::new(PREFETCH_REQUESTS));
+        let (requests, merge_bound) = if background {
+            (BACKGROUND_REQUESTS, merge_bound.min(BACKGROUND_MAX_BYTES))
+        } else {
+            (PREFETCH_REQUESTS, merge_bound)
+        };
+        let slots = Arc::new(tokio::sync::Semaphore::new(requests));
         let failed = Arc::new(AtomicUsize::new(0));
         let mut asked = 0usize;
         let mut k = 0;
@@ -188,10 +200,18 @@ impl BlobState {
                 let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
                     break 'windows;
                 };
-                // Readers first: no new background run while a fetch a
-                // reader waits for is in flight.
-                while super::fetch::demand_runs() > 0 && current(&self) {
-                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                // Readers first: no new prefetch run while a fetch a
+                // reader waits for is in flight; the background also waits
+                // until readers have fetched nothing for a moment.
+                let idle = if background {
+                    BACKGROUND_IDLE
+                } else {
+                    std::time::Duration::ZERO
+                };
+                while (super::fetch::demand_runs() > 0 || super::fetch::demand_idle() < idle)
+                    && current(&self)
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 }
                 if !current(&self) {
                     // Not asked for yet: back in the queue for the next object.
@@ -215,21 +235,27 @@ impl BlobState {
             }
         }
         // Wait for the last requests.
-        let _ = slots.acquire_many(PREFETCH_REQUESTS as u32).await;
+        let _ = slots.acquire_many(requests as u32).await;
         let stopped = !current(&self);
         {
             let mut st = self.lock();
             if stopped {
                 // Whatever was not fetched is queued again, in order.
                 let mut rest: Vec<usize> = queue.into_iter().filter(|&i| !st.fetched[i]).collect();
-                rest.append(&mut st.prefetch.queue);
-                st.prefetch.queue = rest;
+                let q = if background {
+                    &mut st.prefetch.background
+                } else {
+                    &mut st.prefetch.queue
+                };
+                rest.append(q);
+                *q = rest;
             }
             st.prefetch.running = false;
         }
         tracing::info!(
             blob = %self.digest,
             chunks = asked,
+            background,
             failed = failed.load(Ordering::Relaxed),
             stopped,
             secs = started.elapsed().as_secs_f64(),
