@@ -522,8 +522,25 @@ fn complete_blob_raises_no_event_after_drop_caches() {
     let first = read_all(&m.mnt);
     // Every blob is complete now (all files read).
     let st = d.status();
-    for b in st["images"][0]["blobs"].as_array().unwrap() {
+    let blobs = st["images"][0]["blobs"].as_array().unwrap().clone();
+    for b in &blobs {
         assert_eq!(b["fetched_chunks"], b["chunks"], "{b}");
+    }
+    // The marks go after the blob files are synced and their state saved,
+    // on the blocking pool, a moment after the last chunk: wait for that.
+    let t = Instant::now();
+    while d
+        .log_text()
+        .matches("blob complete on disk: mark removed")
+        .count()
+        < blobs.len()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "complete blobs were not unmarked: {}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
     let events = d.blob_sum("events");
     drop_caches();
