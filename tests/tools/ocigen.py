@@ -542,6 +542,9 @@ MANY_DIRS, MANY_PER_DIR = 52, 100
 DEEP_LEVELS = 24
 
 
+ELF_MAGIC = b"\x7fELF"
+
+
 def full_layers(sparse: bool = True, docker: bool = False) -> list[Layer]:
     """The full-coverage image: see the module docstring of the test suite."""
     c1, c2, c3 = ("gzip", "gzip", "gzip") if docker else ("gzip", "zstd", "none")
@@ -557,8 +560,9 @@ def full_layers(sparse: bool = True, docker: bool = False) -> list[Layer]:
     l1.file("etc/hostname", b"kite-full\n")
     l1.file("etc/config", b"mode=lower\n", mode=0o644)
     l1.file("etc/delete-me", b"old content, deleted in layer 2\n")
-    l1.file("usr/bin/tool", blob("binary", 200_000, 1), mode=0o755)
-    l1.file("usr/lib/libfoo.so.1", blob("binary", 1_500_000, 2), mode=0o755)
+    # ELF magic: `kite convert` cuts ELF files in finer chunks (--elf-chunk-size).
+    l1.file("usr/bin/tool", ELF_MAGIC + blob("binary", 200_000 - 4, 1), mode=0o755)
+    l1.file("usr/lib/libfoo.so.1", ELF_MAGIC + blob("binary", 1_500_000 - 4, 2), mode=0o755)
     for i in range(WIDE_FILES):  # one directory with 5000 entries, some empty
         l1.file(f"wide/entry-{i:05d}", b"" if i % 10 == 0 else f"wide file {i}\n".encode())
     for d in range(MANY_DIRS):

@@ -69,6 +69,8 @@ pub struct Stats {
     pub stored_bytes: u64,
     pub compressed_bytes: u64,
     pub chunk_size: u32,
+    /// Chunk size of the files cut finer (ELF), 0 if none.
+    pub fine_chunk_size: u32,
     pub blobs: Vec<BlobStats>,
 }
 
@@ -142,6 +144,7 @@ pub fn inspect(
         erofs_size: bs.index_offset,
         index_size: data.len() as u64 - bs.index_offset,
         chunk_size: bs.index.chunk_size,
+        fine_chunk_size: bs.index.fine_chunk_size,
         ..Default::default()
     };
     for b in &blobs {

@@ -51,6 +51,8 @@ pub(crate) struct Applier<'a> {
     pub blob: &'a mut BlobBuilder,
     pub layer: u32,
     pub chunk_size: u32,
+    /// Chunk size of ELF files, if below `chunk_size` (0: none).
+    pub elf_chunk_size: u32,
     pub inline_max: u64,
     pub files: u64,
     pub file_bytes: u64,
@@ -135,16 +137,38 @@ impl Applier<'_> {
         self.files += 1;
         let mut size = 0u64;
         let mut chunks = Vec::new();
+        // The chunk size of this file: an ELF file longer than the ELF
+        // chunk size gets that, any other file the image's. The first
+        // chunk is read at the ELF size, looked at, and topped up to a
+        // full chunk if the file is not ELF.
+        let mut chunk_size = self.chunk_size;
+        let mut first = true;
         loop {
-            let mut buf = Vec::with_capacity(self.chunk_size as usize);
-            data.take(self.chunk_size as u64)
-                .read_to_end(&mut buf)
-                .map_err(EntryError::Read)?;
+            let mut buf = Vec::with_capacity(chunk_size as usize);
+            if first && self.elf_chunk_size != 0 {
+                let fine = u64::from(self.elf_chunk_size);
+                data.take(fine)
+                    .read_to_end(&mut buf)
+                    .map_err(EntryError::Read)?;
+                let elf = buf.len() as u64 == fine && buf.starts_with(b"\x7fELF");
+                if elf {
+                    chunk_size = self.elf_chunk_size;
+                } else if buf.len() as u64 == fine {
+                    data.take(u64::from(chunk_size) - fine)
+                        .read_to_end(&mut buf)
+                        .map_err(EntryError::Read)?;
+                }
+            } else {
+                data.take(chunk_size as u64)
+                    .read_to_end(&mut buf)
+                    .map_err(EntryError::Read)?;
+            }
+            first = false;
             if buf.is_empty() {
                 break;
             }
             let n = buf.len() as u64;
-            if size == 0 && n <= self.inline_max && n < self.chunk_size as u64 {
+            if size == 0 && n <= self.inline_max && n < chunk_size as u64 {
                 // Small enough to live in the bootstrap; make sure it ends.
                 let mut probe = [0u8; 1];
                 if data.read(&mut probe).map_err(EntryError::Read)? == 0 {
@@ -157,7 +181,7 @@ impl Applier<'_> {
             }
             size += n;
             chunks.push(self.blob.add_chunk(buf).map_err(EntryError::Fatal)?);
-            if n < self.chunk_size as u64 {
+            if n < chunk_size as u64 {
                 // A short read means the end (take() only stops early at EOF).
                 let mut probe = [0u8; 1];
                 if data.read(&mut probe).map_err(EntryError::Read)? != 0 {
@@ -171,7 +195,7 @@ impl Applier<'_> {
         self.file_bytes += size;
         Ok(FileData::Chunked {
             size,
-            chunk_bits: self.chunk_size.trailing_zeros() as u8,
+            chunk_bits: chunk_size.trailing_zeros() as u8,
             chunks,
         })
     }

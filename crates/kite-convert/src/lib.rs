@@ -189,6 +189,12 @@ impl Progress for NoProgress {}
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
     pub chunk_size: ChunkSize,
+    /// ELF files (executables, shared libraries) longer than this are cut
+    /// into chunks of this size instead of `chunk_size` (None: never).
+    /// A program touches scattered pages of the libraries it maps, so a
+    /// lazy fetch of a library costs its chunks, not its pages: finer
+    /// chunks fetch fewer bytes nobody reads. Must be below `chunk_size`.
+    pub elf_chunk_size: Option<ChunkSize>,
     pub level: i32,
     pub platform: Platform,
     /// Files up to this many bytes are stored inside the bootstrap.
@@ -197,10 +203,22 @@ pub struct ConvertOptions {
     pub threads: usize,
 }
 
+impl ConvertOptions {
+    /// The ELF chunk size in bytes when it applies (below the chunk
+    /// size), else 0: what the index records as its fine chunk size.
+    pub fn fine_chunk_size(&self) -> u32 {
+        match self.elf_chunk_size {
+            Some(e) if e.bytes() < self.chunk_size.bytes() => e.bytes(),
+            _ => 0,
+        }
+    }
+}
+
 impl Default for ConvertOptions {
     fn default() -> Self {
         Self {
             chunk_size: ChunkSize::default(),
+            elf_chunk_size: Some(ChunkSize::DEFAULT_ELF),
             level: kite_format::DEFAULT_LEVEL,
             platform: Platform {
                 os: "linux".into(),
@@ -362,6 +380,7 @@ fn run(
             blob: &mut builder,
             layer: i as u32,
             chunk_size: opts.chunk_size.bytes(),
+            elf_chunk_size: opts.fine_chunk_size(),
             inline_max: opts.inline_max,
             files: 0,
             file_bytes: 0,

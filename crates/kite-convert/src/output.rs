@@ -164,7 +164,7 @@ pub(crate) fn write(
 
     // Bootstrap = EROFS image + index section.
     let entries: Vec<BlobEntry> = blobs.iter().map(|(e, _, _)| e.clone()).collect();
-    let index = encode_index(opts.chunk_size.bytes(), &entries);
+    let index = encode_index(opts.chunk_size.bytes(), opts.fine_chunk_size(), &entries);
     let devices: Vec<Device> = entries
         .iter()
         .map(|e| {

@@ -75,6 +75,8 @@ pub struct Image {
     pub source: String,
     /// The image's chunk size, in bytes.
     pub chunk_size: u32,
+    /// The chunk size of its ELF files, if cut finer (0: none).
+    pub fine_chunk: u32,
     /// fanotify path: mountpoints of this image (and whether switched yet)
     /// to remount with direct I/O once every blob is complete (see
     /// [`Image::switch_to_direct_io`]).
@@ -222,6 +224,7 @@ impl Registry {
                         timeout,
                     );
                     s.readahead = self.readahead;
+                    s.fine_chunk = p.fine_chunk;
                     let s = Arc::new(s);
                     self.chunk_index.attach(&s);
                     if let Some(map) = &b.saved {
@@ -245,6 +248,7 @@ impl Registry {
             blobs,
             source: p.source,
             chunk_size: p.chunk_size,
+            fine_chunk: p.fine_chunk,
             direct_io_mounts: std::sync::Mutex::new(Vec::new()),
             registered_at: crate::unix_now(),
             kept: std::sync::atomic::AtomicBool::new(false),
@@ -344,6 +348,8 @@ pub struct Prepared {
     bootstrap: BootstrapData,
     source: String,
     chunk_size: u32,
+    /// The index's fine chunk size (0: none).
+    fine_chunk: u32,
     blobs: Vec<PreparedBlob>,
 }
 
@@ -413,11 +419,13 @@ pub fn prepare(
         });
     }
     let chunk_size = parsed.index.chunk_size;
+    let fine_chunk = parsed.index.fine_chunk_size;
     Ok(Prepared {
         fsid,
         bootstrap: BootstrapData::Memory(Arc::new(bootstrap)),
         source,
         chunk_size,
+        fine_chunk,
         blobs,
     })
 }

@@ -7,8 +7,9 @@
 //! without parsing anything else:
 //!
 //! ```text
-//! header   128 B   magic "KITEINDX", version, counts, table offsets,
-//!                  sha256 of the whole section (with this field zeroed)
+//! header   128 B   magic "KITEINDX", version, counts, table offsets, the
+//!                  fine chunk size (offset 56; 0: none), sha256 of the
+//!                  whole section (with this field zeroed)
 //! blobs    128 B each, in device-table order (blob i = device_id i+1)
 //! chunks    64 B each, grouped by blob, sorted by uncompressed offset
 //! ```
@@ -97,7 +98,10 @@ pub struct BlobEntry {
 }
 
 /// Encode the index section for `blobs` (device-table order).
-pub fn encode_index(chunk_size: u32, blobs: &[BlobEntry]) -> Vec<u8> {
+/// `fine_chunk_size`: the smaller chunk size some files were cut in (ELF
+/// files: see `kite convert --elf-chunk-size`), 0 if none. Readers that
+/// predate the field ignore it (it was a zero reserved word).
+pub fn encode_index(chunk_size: u32, fine_chunk_size: u32, blobs: &[BlobEntry]) -> Vec<u8> {
     let total_chunks: usize = blobs.iter().map(|b| b.chunks.len()).sum();
     let blob_off = HEADER_SIZE;
     let chunk_off = blob_off + blobs.len() * BLOB_RECORD_SIZE;
@@ -112,6 +116,7 @@ pub fn encode_index(chunk_size: u32, blobs: &[BlobEntry]) -> Vec<u8> {
     out.extend_from_slice(&(blob_off as u64).to_le_bytes());
     out.extend_from_slice(&(chunk_off as u64).to_le_bytes());
     out.extend_from_slice(&(size as u64).to_le_bytes());
+    out.extend_from_slice(&fine_chunk_size.to_le_bytes());
     out.resize(HEADER_SIZE, 0);
     let mut first = 0u64;
     for b in blobs {
@@ -141,6 +146,9 @@ pub fn encode_index(chunk_size: u32, blobs: &[BlobEntry]) -> Vec<u8> {
 pub struct Index<'a> {
     data: &'a [u8],
     pub chunk_size: u32,
+    /// The chunk size of files cut finer than `chunk_size` (0: none). A
+    /// hint for fetch planning only: every chunk is bounded by its record.
+    pub fine_chunk_size: u32,
     blob_count: usize,
     chunk_count: usize,
     blob_off: usize,
@@ -206,9 +214,20 @@ impl<'a> Index<'a> {
         if !chunk_size.is_power_of_two() {
             return Err(bad(format!("chunk size {chunk_size}")));
         }
+        let fine_chunk_size = u32_at(data, 56);
+        if fine_chunk_size != 0
+            && (!fine_chunk_size.is_power_of_two()
+                || fine_chunk_size < 4096
+                || fine_chunk_size >= chunk_size)
+        {
+            return Err(bad(format!(
+                "fine chunk size {fine_chunk_size} (chunk size {chunk_size})"
+            )));
+        }
         let idx = Self {
             data,
             chunk_size,
+            fine_chunk_size,
             blob_count,
             chunk_count,
             blob_off,
@@ -339,8 +358,9 @@ mod tests {
 
     #[test]
     fn roundtrip_and_lookup() {
-        let bytes = encode_index(8192, &sample());
+        let bytes = encode_index(8192, 4096, &sample());
         let idx = Index::parse(&bytes).unwrap();
+        assert_eq!(idx.fine_chunk_size, 4096);
         assert_eq!(idx.blob_count(), 2);
         assert_eq!(idx.chunk_count(), 4);
         let b0 = idx.blob(0);
@@ -357,7 +377,7 @@ mod tests {
 
     #[test]
     fn any_flipped_byte_is_refused() {
-        let bytes = encode_index(8192, &sample());
+        let bytes = encode_index(8192, 0, &sample());
         for i in 0..bytes.len() {
             let mut b = bytes.clone();
             b[i] ^= 0x10;
@@ -367,5 +387,25 @@ mod tests {
             Index::parse(&bytes[..100]),
             Err(FormatError::BadIndex(_))
         ));
+    }
+
+    /// A section written before the fine chunk size existed has zeros
+    /// there (parsed as "none"); a fine size that is not a power of two
+    /// below the chunk size is refused even with a valid checksum.
+    #[test]
+    fn fine_chunk_size_is_checked() {
+        assert_eq!(
+            Index::parse(&encode_index(8192, 0, &sample()))
+                .unwrap()
+                .fine_chunk_size,
+            0
+        );
+        for bad in [8192, 16384, 5000, 2048] {
+            let bytes = encode_index(8192, bad, &sample());
+            assert!(
+                matches!(Index::parse(&bytes), Err(FormatError::BadIndex(_))),
+                "fine chunk size {bad} accepted"
+            );
+        }
     }
 }

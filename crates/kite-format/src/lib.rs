@@ -102,6 +102,8 @@ pub fn align4k(v: u64) -> u64 {
 pub struct ChunkSize(u32);
 
 impl ChunkSize {
+    /// The default chunk size of ELF files (`kite convert --elf-chunk-size`).
+    pub const DEFAULT_ELF: ChunkSize = ChunkSize(64 << 10);
     pub fn new(bytes: u64) -> Result<Self, FormatError> {
         if bytes.is_power_of_two()
             && (MIN_CHUNK_SIZE as u64..=MAX_CHUNK_SIZE as u64).contains(&bytes)

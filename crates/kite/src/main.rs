@@ -46,6 +46,12 @@ enum Cmd {
         /// Chunk size: a power of two from 4K to 16M.
         #[arg(long, default_value = "1M")]
         chunk_size: String,
+        /// Chunk size of ELF files (executables, shared libraries), which
+        /// programs map and read in scattered pages: a power of two below
+        /// --chunk-size (else it does not apply), or `off` to cut them
+        /// like every other file.
+        #[arg(long, default_value = "64K")]
+        elf_chunk_size: String,
         /// zstd level for chunks.
         #[arg(long, default_value_t = kite_format::DEFAULT_LEVEL)]
         level: i32,
@@ -202,8 +208,9 @@ enum Cmd {
         /// The same as `--prefetch none` (kept for older scripts).
         #[arg(long, hide = true)]
         no_prefetch: bool,
-        /// Readahead of the mount in KiB (default: the image's chunk size;
-        /// 0 leaves the kernel's default, 128).
+        /// Readahead of the mount in KiB (default: the image's chunk size,
+        /// or 128 if its ELF files are cut finer; 0 leaves the kernel's
+        /// default, 128; 4 is one page, i.e. none).
         #[arg(long)]
         read_ahead_kb: Option<u32>,
     },
@@ -538,6 +545,7 @@ fn run(cli: Cli) -> Result<()> {
             from,
             to,
             chunk_size,
+            elf_chunk_size,
             level,
             platform,
             inline_max,
@@ -562,6 +570,10 @@ fn run(cli: Cli) -> Result<()> {
             };
             let mut opts = ConvertOptions {
                 chunk_size: ChunkSize::parse(&chunk_size)?,
+                elf_chunk_size: match elf_chunk_size.as_str() {
+                    "off" => None,
+                    s => Some(ChunkSize::parse(s)?),
+                },
                 level,
                 platform: Platform::parse(&platform)?,
                 inline_max,
@@ -676,8 +688,15 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             writeln!(
                 out,
-                "inodes: {} ({} paths), regular files: {}, chunk size: {}",
-                st.inodes, st.paths, st.files, st.chunk_size
+                "inodes: {} ({} paths), regular files: {}, chunk size: {}{}",
+                st.inodes,
+                st.paths,
+                st.files,
+                st.chunk_size,
+                match st.fine_chunk_size {
+                    0 => String::new(),
+                    n => format!(" (ELF files: {n})"),
+                }
             )?;
             writeln!(out, "blobs (device-table order):")?;
             for (i, b) in st.blobs.iter().enumerate() {

@@ -273,3 +273,71 @@ fn oci_output_names_bootstrap_and_blobs() {
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// Chunks of `size` uncompressed bytes in `conv`'s index.
+fn chunks_of_size(conv: &Path, size: u64) -> usize {
+    kite_ok(&[
+        "inspect",
+        conv.join("bootstrap").to_str().unwrap(),
+        "--chunks",
+    ])
+    .lines()
+    .filter(|l| l.split_whitespace().nth(4) == Some(size.to_string().as_str()))
+    .count()
+}
+
+/// ELF files (the full image's usr/bin/tool, 200000 bytes, and
+/// usr/lib/libfoo.so.1, 1500000 bytes, both starting with the ELF magic)
+/// are cut in 64 KiB chunks by default, every other file in 1 MiB ones;
+/// `--elf-chunk-size off` cuts them like the rest. The index records the
+/// fine size, which `inspect` shows. (Their bytes read back through a
+/// mount are compared with the reference in the lazy mount tests.)
+#[test]
+fn elf_files_are_cut_in_fine_chunks() {
+    let dir = tempdir();
+    let img = dir.path().join("img");
+    py("ocigen.py", &["full", img.to_str().unwrap()]);
+    let convert = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let from = format!("oci:{}", img.display());
+        let mut args = vec![
+            "convert",
+            "--quiet",
+            "--from",
+            &from,
+            "--to",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        kite_ok(&args);
+        out
+    };
+    let fine = convert("fine", &[]);
+    let off = convert("off", &["--elf-chunk-size", "off"]);
+    let custom = convert("custom", &["--elf-chunk-size", "16K"]);
+    // 200000 / 64 KiB -> 3 full chunks, 1500000 / 64 KiB -> 22.
+    let k64 = chunks_of_size(&fine, 64 << 10) - chunks_of_size(&off, 64 << 10);
+    assert_eq!(k64, 3 + 22, "64 KiB chunks of the two ELF files");
+    let k16 = chunks_of_size(&custom, 16 << 10) - chunks_of_size(&off, 16 << 10);
+    assert_eq!(k16, 12 + 91, "16 KiB chunks of the two ELF files");
+    let summary = |c: &Path| {
+        kite_ok(&[
+            "inspect",
+            c.join("bootstrap").to_str().unwrap(),
+            "--summary",
+        ])
+    };
+    assert!(
+        summary(&fine).contains("chunk size: 1048576 (ELF files: 65536)"),
+        "{}",
+        summary(&fine)
+    );
+    let s = summary(&off);
+    assert!(
+        s.contains("chunk size: 1048576") && !s.contains("ELF files"),
+        "{s}"
+    );
+    // An ELF chunk size not below the chunk size does not apply.
+    let big = convert("big", &["--chunk-size", "64K", "--elf-chunk-size", "64K"]);
+    assert!(!summary(&big).contains("ELF files"), "{}", summary(&big));
+}

@@ -132,6 +132,9 @@ pub struct BlobState {
     needed_missing: AtomicUsize,
     /// The largest chunk: the image's chunk size, in practice.
     full_chunk: u32,
+    /// The image's fine chunk size (ELF files), 0 if none: a planning
+    /// hint (see [`plan`]).
+    pub fine_chunk: u32,
     /// Profile chunks the prefetcher found missing and fetched.
     pub prefetched_chunks: AtomicU64,
     /// Unix seconds of the last kernel request for this blob's data (0:
@@ -194,6 +197,7 @@ impl BlobState {
             readahead: 0,
             needed_missing: AtomicUsize::new(usize::MAX),
             full_chunk,
+            fine_chunk: 0,
             prefetched_chunks: AtomicU64::new(0),
             last_miss: AtomicU64::new(0),
             index: OnceLock::new(),
@@ -230,6 +234,7 @@ impl BlobState {
             readahead: self.readahead,
             merge_bound,
             full_chunk: self.full_chunk,
+            fine_chunk: self.fine_chunk,
         }
     }
 

@@ -25,6 +25,12 @@
 //!   page fault in a mapped library) also fetches the next chunks of that
 //!   file, up to the readahead and up to its first short chunk.
 //!
+//! *Fine* chunks (the image's fine chunk size: ELF files cut finer, see
+//! `kite convert --elf-chunk-size`) are pages of mapped programs, read
+//! scattered: a miss on one fetches just the wanted chunks, unless it is
+//! sequential, and then the window counts fine chunks (readahead x fine
+//! size), not full-size bytes. Bursts neither start at nor run over them.
+//!
 //! Runs are adjacent chunks whose stored bytes are contiguous and span at
 //! most the merge bound ([`split_runs`], the one place that splits).
 
@@ -77,6 +83,8 @@ pub struct PlanConfig {
     pub merge_bound: u64,
     /// The blob's largest chunk (its image's chunk size, in practice).
     pub full_chunk: u32,
+    /// The image's fine chunk size (0: none).
+    pub fine_chunk: u32,
 }
 
 /// What to fetch.
@@ -129,9 +137,12 @@ pub fn plan(
             if speculate && cfg.readahead > 0 {
                 let sequential = first > 0 && (present(first - 1) || busy(first - 1));
                 let full = |i: usize| is_full(table, cfg, i);
+                let fine = |i: usize| is_fine(table, cfg, i);
                 if sequential {
                     let end = window_end(table, fetched, cfg, last, first);
                     take.extend((last + 1..end).filter(|&i| free(i)));
+                } else if fine(last) {
+                    // A scattered page of a mapped program: just it.
                 } else if !full(last) {
                     out.small_miss = Some(last);
                     let burst = history
@@ -144,6 +155,7 @@ pub fn plan(
                             && i <= last + BURST_MAX_CHUNKS
                             && bytes < BURST_MAX_BYTES
                             && !full(i)
+                            && !fine(i)
                         {
                             if free(i) {
                                 take.push(i);
@@ -181,6 +193,13 @@ fn is_full(table: &[ChunkRecord], cfg: &PlanConfig, i: usize) -> bool {
         && table.get(i).map(|c| c.uncompressed_size) == Some(cfg.full_chunk)
 }
 
+/// Whether chunk `i` is a fine chunk: exactly the image's fine chunk size
+/// (a file cut finer; a small file of exactly that size counts too, and
+/// is then fetched without a burst).
+fn is_fine(table: &[ChunkRecord], cfg: &PlanConfig, i: usize) -> bool {
+    cfg.fine_chunk != 0 && table.get(i).map(|c| c.uncompressed_size) == Some(cfg.fine_chunk)
+}
+
 /// The readahead window for a reader whose run of present chunks ends
 /// just before `run_at`: the configured readahead, or that run's length up
 /// to [`READAHEAD_GROWTH`] times it (a long scan gets a deeper pipeline;
@@ -202,7 +221,15 @@ fn window_end(
     run_at: usize,
 ) -> usize {
     let n = window(fetched, cfg.readahead, run_at);
-    let want_bytes = n as u64 * u64::from(cfg.full_chunk);
+    // A window of full-size chunks' bytes, so a scan over small files
+    // keeps as deep a pipeline as one over a large file; fine chunks
+    // (mapped programs) count as what they are.
+    let unit = if is_fine(table, cfg, last) {
+        cfg.fine_chunk
+    } else {
+        cfg.full_chunk
+    };
+    let want_bytes = n as u64 * u64::from(unit);
     let (mut i, mut count, mut bytes) = (last + 1, 0usize, 0u64);
     while i < table.len() && count < WINDOW_MAX_CHUNKS && (count < n || bytes < want_bytes) {
         bytes += u64::from(table[i].uncompressed_size);
@@ -303,6 +330,7 @@ mod tests {
             readahead,
             merge_bound: 8 << 20,
             full_chunk: M,
+            fine_chunk: 128 * K,
         }
     }
 
@@ -358,7 +386,55 @@ mod tests {
             v.extend(vec![8 * K; 30]);
             v
         };
+        // An ELF file cut in fine chunks of 128 KiB (0..19, tail 20), then
+        // small files.
+        let elf = || {
+            let mut v = vec![128 * K; 20];
+            v.push(5 * K);
+            v.extend(vec![8 * K; 30]);
+            v
+        };
         let cases = vec![
+            Case {
+                name: "scattered miss on a fine chunk fetches just it",
+                sizes: elf(),
+                fetched: vec![2],
+                busy: vec![],
+                recent_small_miss: Some(3),
+                wanted: vec![7],
+                reason: DEMAND,
+                readahead: 4,
+                runs: vec![vec![7]],
+                small_miss: None,
+            },
+            Case {
+                name: "sequential miss on fine chunks: a window of readahead fine chunks",
+                sizes: elf(),
+                fetched: vec![6],
+                busy: vec![],
+                recent_small_miss: None,
+                wanted: vec![7],
+                reason: DEMAND,
+                readahead: 4,
+                runs: vec![vec![7, 8, 9, 10, 11]],
+                small_miss: None,
+            },
+            Case {
+                name: "a small-file burst stops at fine chunks",
+                sizes: {
+                    let mut v = vec![8 * K; 4];
+                    v.extend(vec![128 * K; 10]);
+                    v
+                },
+                fetched: vec![],
+                busy: vec![],
+                recent_small_miss: Some(0),
+                wanted: vec![1],
+                reason: DEMAND,
+                readahead: 4,
+                runs: vec![vec![1, 2, 3]],
+                small_miss: Some(1),
+            },
             Case {
                 name: "cold miss on a large file fetches the rest of the file up to the readahead",
                 sizes: mixed(),
