@@ -41,6 +41,7 @@ pub mod daemon;
 pub mod dispatch;
 pub mod fanotify;
 pub mod gc;
+pub mod idle;
 pub mod metrics;
 pub mod mounting;
 pub mod registry;

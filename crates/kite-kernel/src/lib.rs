@@ -12,6 +12,7 @@
 //! - [`features`]: which kernel paths the running kernel offers.
 //! - [`fdpass`]: handing the kernel-interface fds from the holder to its
 //!   workers (inheritance) and to a successor holder (`SCM_RIGHTS`).
+//! - [`sched`]: `SCHED_IDLE` threads for background work.
 //!
 //! Every unsafe block carries a `// SAFETY:` comment (enforced by clippy's
 //! `undocumented_unsafe_blocks`).
@@ -22,6 +23,7 @@ pub mod fdpass;
 pub mod features;
 pub mod mount;
 pub mod pin;
+pub mod sched;
 pub mod uring;
 
 /// Errors talking to the kernel.

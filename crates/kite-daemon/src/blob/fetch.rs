@@ -283,7 +283,7 @@ impl BlobState {
         if self.readahead == 0 || self.is_profiled(at) {
             return;
         }
-        if let Err(e) = self.start_reason(&[at], object, merge_bound, Reason::Readahead) {
+        if let Err(e) = self.start_reason(&[at], object, merge_bound, Reason::Readahead, false) {
             tracing::debug!(blob = %self.digest, "readahead: {e}");
         }
     }
@@ -301,17 +301,25 @@ impl BlobState {
     ) -> Result<Waits, ChunkError> {
         // A profiled chunk: the prefetcher knows what comes next.
         let speculate = !want.iter().max().is_some_and(|&l| self.is_profiled(l));
-        self.start_reason(want, object, merge_bound, Reason::Demand { speculate })
+        self.start_reason(
+            want,
+            object,
+            merge_bound,
+            Reason::Demand { speculate },
+            false,
+        )
     }
 
     /// Plan under the lock, register the runs as in flight, and spawn one
-    /// task per run after the lock is released.
+    /// task per run after the lock is released. `idle`: decode on the
+    /// SCHED_IDLE pool ([`crate::idle`]; the background prefetch).
     pub(super) fn start_reason(
         self: &Arc<Self>,
         want: &[usize],
         object: &Arc<dyn CacheObject>,
         merge_bound: u64,
         reason: Reason,
+        idle: bool,
     ) -> Result<Waits, ChunkError> {
         if let Some(&i) = want.iter().find(|&&i| i >= self.chunks.len()) {
             return Err(ChunkError::NoSuchChunk {
@@ -378,7 +386,7 @@ impl BlobState {
             let obj = Arc::clone(object);
             let demand = requested.iter().any(|&r| r).then(DemandRun::start);
             tokio::spawn(async move {
-                me.fetch_run(run, requested, senders, obj).await;
+                me.fetch_run(run, requested, senders, obj, idle).await;
                 drop(demand);
             });
         }
@@ -395,6 +403,7 @@ impl BlobState {
         requested: Vec<bool>,
         senders: Vec<watch::Sender<Outcome>>,
         object: Arc<dyn CacheObject>,
+        idle: bool,
     ) {
         let target = object.target();
         // Armed first: whatever happens below, every chunk gets an answer.
@@ -444,7 +453,7 @@ impl BlobState {
                         let off = (rec.compressed_offset - start) as usize;
                         bytes.slice(off..off + rec.compressed_size as usize)
                     });
-                    let decoded = tokio::task::spawn_blocking(move || {
+                    let decode = move || {
                         let stored = stored.map_err(ChunkError::Fetch)?;
                         // Decode straight into the page-aligned buffer
                         // whose padded extent is written to the cache: the
@@ -468,15 +477,21 @@ impl BlobState {
                             },
                         })?;
                         Ok(buf)
-                    })
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(ChunkError::Local {
-                            blob: digest,
-                            chunk: i,
-                            why: format!("decode task: {e}"),
-                        })
-                    });
+                    };
+                    let lost = |why: String| ChunkError::Local {
+                        blob: digest,
+                        chunk: i,
+                        why: format!("decode task: {why}"),
+                    };
+                    let decoded = if idle {
+                        crate::idle::run(decode)
+                            .await
+                            .unwrap_or_else(|e| Err(lost(e)))
+                    } else {
+                        tokio::task::spawn_blocking(decode)
+                            .await
+                            .unwrap_or_else(|e| Err(lost(e.to_string())))
+                    };
                     me.write_step(&object, i, decoded).await
                 }));
             }

@@ -27,9 +27,11 @@
 //!
 //! *Fine* chunks (the image's fine chunk size: ELF files cut finer, see
 //! `kite convert --elf-chunk-size`) are pages of mapped programs, read
-//! scattered: a miss on one fetches just the wanted chunks, unless it is
-//! sequential, and then the window counts fine chunks (readahead x fine
-//! size), not full-size bytes. Bursts neither start at nor run over them.
+//! scattered: a miss on one fetches the next fine chunks of the file up
+//! to the readahead (so a fault costs one round trip for a few hundred
+//! KiB, not for one chunk), and a sequential window counts fine chunks
+//! (readahead x fine size), not full-size bytes. Bursts neither start at
+//! nor run over them.
 //!
 //! Runs are adjacent chunks whose stored bytes are contiguous and span at
 //! most the merge bound ([`split_runs`], the one place that splits).
@@ -142,7 +144,14 @@ pub fn plan(
                     let end = window_end(table, fetched, cfg, last, first);
                     take.extend((last + 1..end).filter(|&i| free(i)));
                 } else if fine(last) {
-                    // A scattered page of a mapped program: just it.
+                    // A scattered page of a mapped program: its next few
+                    // fine chunks, not the rest of the file.
+                    take.extend(
+                        (last + 1..table.len())
+                            .take_while(|&i| fine(i))
+                            .take(cfg.readahead)
+                            .filter(|&i| free(i)),
+                    );
                 } else if !full(last) {
                     out.small_miss = Some(last);
                     let burst = history
@@ -396,15 +405,27 @@ mod tests {
         };
         let cases = vec![
             Case {
-                name: "scattered miss on a fine chunk fetches just it",
+                name: "scattered miss on a fine chunk fetches the next readahead fine chunks",
                 sizes: elf(),
-                fetched: vec![2],
+                fetched: vec![2, 9],
                 busy: vec![],
                 recent_small_miss: Some(3),
                 wanted: vec![7],
                 reason: DEMAND,
                 readahead: 4,
-                runs: vec![vec![7]],
+                runs: vec![vec![7, 8], vec![10, 11]],
+                small_miss: None,
+            },
+            Case {
+                name: "a scattered fine miss stops before the file's short tail",
+                sizes: elf(),
+                fetched: vec![],
+                busy: vec![],
+                recent_small_miss: None,
+                wanted: vec![18],
+                reason: DEMAND,
+                readahead: 4,
+                runs: vec![vec![18, 19]],
                 small_miss: None,
             },
             Case {

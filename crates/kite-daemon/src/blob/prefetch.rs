@@ -15,18 +15,41 @@ use super::BlobState;
 
 /// Prefetch fetches: windows of the queue of at most this many stored
 /// bytes are sorted, gaps of at most this many stored bytes between
-/// profile chunks are fetched too, and at most this many range requests
-/// are in flight.
+/// profile chunks are fetched too, and the requests in flight span at
+/// most PREFETCH_INFLIGHT_BYTES, each counted as at least
+/// PREFETCH_MIN_COST: 4 requests of 4 MiB, or up to 32 small ones (a
+/// profile of scattered 64 KiB ELF chunks is many small runs, and one
+/// round trip each would leave the link idle).
 const PREFETCH_WINDOW_BYTES: u64 = 4 << 20;
 const PREFETCH_GAP_BYTES: u64 = 32 << 10;
-const PREFETCH_REQUESTS: usize = 8;
+const PREFETCH_INFLIGHT_BYTES: u64 = 16 << 20;
+const PREFETCH_MIN_COST: u64 = 512 << 10;
 
-/// The background queue (every other chunk): requests in flight, their
-/// largest span, and how long readers must have fetched nothing before
+/// The background queue (every other chunk): one request at a time of at
+/// most this span, and how long readers must have fetched nothing before
 /// one starts, so a reader's fetch waits behind at most one small request.
-const BACKGROUND_REQUESTS: usize = 1;
 const BACKGROUND_MAX_BYTES: u64 = 1 << 20;
 const BACKGROUND_IDLE: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Profile prefetchers running on this node (any blob): the background
+/// waits for them too, since a profile is what the readers read next.
+static PROFILE_PREFETCHERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts a running profile prefetcher while it lives.
+struct ProfilePrefetcher;
+
+impl ProfilePrefetcher {
+    fn start() -> Self {
+        PROFILE_PREFETCHERS.fetch_add(1, Ordering::Relaxed);
+        ProfilePrefetcher
+    }
+}
+
+impl Drop for ProfilePrefetcher {
+    fn drop(&mut self) {
+        PROFILE_PREFETCHERS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 impl BlobState {
     /// Queue profile chunks (in profile order) for prefetching, each chunk
@@ -157,9 +180,9 @@ impl BlobState {
     /// Fetch `queue` roughly in order: a window of the next missing chunks
     /// (up to [`PREFETCH_WINDOW_BYTES`] stored bytes) is sorted by position
     /// and the small gaps between its chunks are filled, so neighbouring
-    /// small files become one range request; at most
-    /// [`PREFETCH_REQUESTS`] requests are in flight, so the prefetcher
-    /// never floods the backend. Stops early if the object goes away.
+    /// small files become one range request; the requests in flight are
+    /// bounded (see [`PREFETCH_INFLIGHT_BYTES`]), so the prefetcher never
+    /// floods the backend. Stops early if the object goes away.
     async fn run_prefetch(
         self: Arc<Self>,
         queue: Vec<usize>,
@@ -169,12 +192,17 @@ impl BlobState {
         background: bool,
     ) {
         let started = std::time::Instant::now();
-        let (requests, merge_bound) = if background {
-            (BACKGROUND_REQUESTS, merge_bound.min(BACKGROUND_MAX_BYTES))
+        let _profile = (!background).then(ProfilePrefetcher::start);
+        // In-flight budget in KiB; a run costs its stored span, at least
+        // the minimum cost and at most the budget.
+        let (budget, min_cost, merge_bound) = if background {
+            let b = merge_bound.min(BACKGROUND_MAX_BYTES);
+            (b, b, b)
         } else {
-            (PREFETCH_REQUESTS, merge_bound)
+            (PREFETCH_INFLIGHT_BYTES, PREFETCH_MIN_COST, merge_bound)
         };
-        let slots = Arc::new(tokio::sync::Semaphore::new(requests));
+        let kib = |b: u64| u32::try_from(b.div_ceil(1024)).unwrap_or(u32::MAX);
+        let slots = Arc::new(tokio::sync::Semaphore::new(kib(budget) as usize));
         let failed = Arc::new(AtomicUsize::new(0));
         let mut asked = 0usize;
         let mut k = 0;
@@ -197,18 +225,30 @@ impl BlobState {
                 plan::split_runs(&self.chunks, &filled, merge_bound)
             };
             for run in runs {
-                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                let span = match (run.first(), run.last()) {
+                    (Some(&a), Some(&b)) => {
+                        let (a, b) = (&self.chunks[a], &self.chunks[b]);
+                        b.compressed_offset + u64::from(b.compressed_size) - a.compressed_offset
+                    }
+                    _ => 0,
+                };
+                let cost = kib(span.clamp(min_cost, budget));
+                let Ok(permit) = Arc::clone(&slots).acquire_many_owned(cost).await else {
                     break 'windows;
                 };
                 // Readers first: no new prefetch run while a fetch a
                 // reader waits for is in flight; the background also waits
-                // until readers have fetched nothing for a moment.
+                // until readers have fetched nothing for a moment and no
+                // profile is being prefetched.
                 let idle = if background {
                     BACKGROUND_IDLE
                 } else {
                     std::time::Duration::ZERO
                 };
-                while (super::fetch::demand_runs() > 0 || super::fetch::demand_idle() < idle)
+                let profiles = || background && PROFILE_PREFETCHERS.load(Ordering::Relaxed) > 0;
+                while (super::fetch::demand_runs() > 0
+                    || super::fetch::demand_idle() < idle
+                    || profiles())
                     && current(&self)
                 {
                     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -218,7 +258,7 @@ impl BlobState {
                     break 'windows;
                 }
                 asked += run.len();
-                match self.start_reason(&run, &object, merge_bound, Reason::Prefetch) {
+                match self.start_reason(&run, &object, merge_bound, Reason::Prefetch, background) {
                     Ok(waits) => {
                         let me = Arc::clone(&self);
                         let failed = Arc::clone(&failed);
@@ -235,7 +275,7 @@ impl BlobState {
             }
         }
         // Wait for the last requests.
-        let _ = slots.acquire_many(requests as u32).await;
+        let _ = slots.acquire_many(kib(budget)).await;
         let stopped = !current(&self);
         {
             let mut st = self.lock();
