@@ -53,6 +53,8 @@ pub(crate) struct Applier<'a> {
     pub chunk_size: u32,
     /// Chunk size of ELF files, if below `chunk_size` (0: none).
     pub elf_chunk_size: u32,
+    /// Files cut at `elf_chunk_size`.
+    pub fine_files: u64,
     pub inline_max: u64,
     pub files: u64,
     pub file_bytes: u64,
@@ -153,6 +155,7 @@ impl Applier<'_> {
                 let elf = buf.len() as u64 == fine && buf.starts_with(b"\x7fELF");
                 if elf {
                     chunk_size = self.elf_chunk_size;
+                    self.fine_files += 1;
                 } else if buf.len() as u64 == fine {
                     data.take(u64::from(chunk_size) - fine)
                         .read_to_end(&mut buf)

@@ -289,6 +289,7 @@ fn run(
     let mut input_bytes = 0u64;
     let mut file_bytes = 0u64;
     let mut files = 0u64;
+    let mut fine_files = 0u64;
     let mut source_manifest = None;
     let mut source_ref = None;
     let mut source_config: Option<Vec<u8>> = None;
@@ -381,6 +382,7 @@ fn run(
             layer: i as u32,
             chunk_size: opts.chunk_size.bytes(),
             elf_chunk_size: opts.fine_chunk_size(),
+            fine_files: 0,
             inline_max: opts.inline_max,
             files: 0,
             file_bytes: 0,
@@ -423,6 +425,7 @@ fn run(
         };
         files += app.files;
         file_bytes += app.file_bytes;
+        fine_files += app.fine_files;
         let src_digest = source_layer
             .as_deref()
             .and_then(Digest::parse)
@@ -440,11 +443,16 @@ fn run(
     progress.finishing();
     let mut erofs_tree = tree.into_erofs_tree();
     store.resolve(&mut erofs_tree)?;
+    // The index names a fine chunk size only if some file has it.
+    let mut out_opts = opts.clone();
+    if fine_files == 0 {
+        out_opts.elf_chunk_size = None;
+    }
     let built = output::write(
         staging,
         erofs_tree,
         &blobs,
-        opts,
+        &out_opts,
         source_manifest.as_deref(),
         source_ref.as_deref(),
         source_config.as_deref(),

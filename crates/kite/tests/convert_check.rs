@@ -297,19 +297,10 @@ fn elf_files_are_cut_in_fine_chunks() {
     let dir = tempdir();
     let img = dir.path().join("img");
     py("ocigen.py", &["full", img.to_str().unwrap()]);
+    let from = format!("oci:{}", img.display());
     let convert = |name: &str, extra: &[&str]| {
         let out = dir.path().join(name);
-        let from = format!("oci:{}", img.display());
-        let mut args = vec![
-            "convert",
-            "--quiet",
-            "--from",
-            &from,
-            "--to",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        kite_ok(&args);
+        util::convert(&from, &out, extra);
         out
     };
     let fine = convert("fine", &[]);
@@ -336,6 +327,14 @@ fn elf_files_are_cut_in_fine_chunks() {
     assert!(
         s.contains("chunk size: 1048576") && !s.contains("ELF files"),
         "{s}"
+    );
+    // An image without ELF files names no fine size.
+    let other = tempdir();
+    let plain = convert_example(other.path(), &[]);
+    assert!(
+        !summary(&plain).contains("ELF files"),
+        "{}",
+        summary(&plain)
     );
     // An ELF chunk size not below the chunk size does not apply.
     let big = convert("big", &["--chunk-size", "64K", "--elf-chunk-size", "64K"]);
