@@ -318,7 +318,8 @@ pub fn images_status(
                 .iter()
                 .map(|b| b.last_miss.load(Ordering::Relaxed))
                 .max()
-                .unwrap_or(0),
+                .unwrap_or(0)
+                / 1000,
             direct_io_mounts: img
                 .direct_io_mounts
                 .lock()

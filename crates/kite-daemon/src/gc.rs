@@ -438,13 +438,13 @@ pub fn enforce_bound(ctx: &crate::api::ApiContext, bound: u64) -> Enforced {
                 .map(|b| b.last_miss.load(std::sync::atomic::Ordering::Relaxed))
                 .max()
                 .unwrap_or(0);
-            (last_miss.max(i.registered_at), i.fsid.clone())
+            (last_miss.max(i.registered_at * 1000), i.fsid.clone())
         })
         .collect();
     // Just registered or just used: about to be mounted (a mount
     // registers first), or in use by a reader between mounts. Left alone.
-    let now = crate::unix_now();
-    candidates.retain(|(last, _)| now.saturating_sub(*last) >= MIN_IDLE_SECS);
+    let now = crate::unix_now_ms();
+    candidates.retain(|(last, _)| now.saturating_sub(*last) >= MIN_IDLE_SECS * 1000);
     candidates.sort();
     for (_, fsid) in candidates {
         if done.usage_after <= bound {

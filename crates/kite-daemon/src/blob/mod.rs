@@ -137,9 +137,10 @@ pub struct BlobState {
     pub fine_chunk: u32,
     /// Profile chunks the prefetcher found missing and fetched.
     pub prefetched_chunks: AtomicU64,
-    /// Unix seconds of the last kernel request for this blob's data (0:
-    /// none). Cache hits never reach the daemon, so this is the last
-    /// miss, not the last read.
+    /// Unix milliseconds of the last kernel request for this blob's data
+    /// (0: none). Cache hits never reach the daemon, so this is the last
+    /// miss, not the last read. Milliseconds, so the cache's LRU order
+    /// holds between images used within one second.
     pub last_miss: AtomicU64,
     /// The node's chunk index this blob belongs to, and its slot there.
     index: OnceLock<(Arc<ChunkIndex>, u32)>,
@@ -242,7 +243,8 @@ impl BlobState {
     /// the path sees them): the first read of each is kept, in order, for
     /// [`BlobState::access_order`].
     pub fn record_access(&self, chunks: impl IntoIterator<Item = usize>) {
-        self.last_miss.store(crate::unix_now(), Ordering::Relaxed);
+        self.last_miss
+            .store(crate::unix_now_ms(), Ordering::Relaxed);
         let mut st = self.lock();
         let log = &mut st.access;
         if log.seen.is_empty() {
