@@ -627,10 +627,10 @@ async fn a_profile_queued_after_the_blob_was_opened_starts_at_once() {
 
 #[tokio::test]
 async fn close_stops_the_prefetch_and_the_next_open_finishes_it() {
-    // 20 incompressible 64 KiB files: 20 chunks whose stored gaps (64 KiB)
+    // 80 incompressible 64 KiB files: 80 chunks whose stored gaps (64 KiB)
     // are too large to fill, so every profile chunk is its own request.
     let f = fixture_of(|src| {
-        for i in 0..20u64 {
+        for i in 0..80u64 {
             let mut x = 0x2545_F491_4F6C_DD1Du64 ^ (i + 1);
             let data: Vec<u8> = (0..65536)
                 .map(|_| {
@@ -643,28 +643,29 @@ async fn close_stops_the_prefetch_and_the_next_open_finishes_it() {
             std::fs::write(src.join(format!("f{i:02}")), data).unwrap();
         }
     });
-    let even: Vec<u32> = (0..20).step_by(2).collect();
+    let even: Vec<u32> = (0..80).step_by(2).collect();
     let mut b = backend(&f.conv);
     b.delay = Duration::from_millis(300);
     let (_, kernel, backend) = setup_profiled(&f, b, 0, &even);
     let first = open(&kernel, 1, 1, &f.blob.hex());
     settle().await;
-    // Eight requests in flight, two waiting for a slot; the kernel closes
-    // the object meanwhile: the two are never sent to it.
+    // 32 requests in flight (the prefetcher's most for small runs), eight
+    // waiting for a slot; the kernel closes the object meanwhile: the
+    // eight are never sent to it.
     kernel.push(Request::Close {
         msg_id: 2,
         object_id: 1,
     });
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(backend.calls.load(Ordering::SeqCst), 8);
+    assert_eq!(backend.calls.load(Ordering::SeqCst), 32);
     // Opened again (a remount): the rest of the profile goes to the new
     // object, and nothing is fetched twice.
     let second = open(&kernel, 3, 2, &f.blob.hex());
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(backend.calls.load(Ordering::SeqCst), 10);
-    for c in [16u64, 18] {
+    assert_eq!(backend.calls.load(Ordering::SeqCst), 40);
+    for c in [64u64, 70, 78] {
         let at = (c << 16) as usize;
         assert_eq!(second.read(c << 16, 4096).unwrap(), f.raw[at..at + 4096]);
     }
-    assert!(first.read(16 << 16, 4096).is_none());
+    assert!(first.read(64 << 16, 4096).is_none());
 }
