@@ -175,6 +175,18 @@ pub struct BlobStatus {
     pub copied_chunks: u64,
     #[serde(default)]
     pub copied_bytes: u64,
+    /// Of `backend_bytes`, those a registry mirror served.
+    #[serde(default)]
+    pub mirror_bytes: u64,
+    /// Chunks (and their uncompressed bytes) peers served, verified.
+    #[serde(default)]
+    pub peer_chunks: u64,
+    #[serde(default)]
+    pub peer_bytes: u64,
+    /// The peer this node asks first for this blob (`self`: this node
+    /// fetches it from the registry for the site); none without peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -240,6 +252,9 @@ pub struct Health {
     /// copies; fanotify path).
     #[serde(default)]
     pub indexed_chunks: u64,
+    /// Peer serving and asking, if configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<crate::peer::PeerStatus>,
 }
 
 /// Facts about the serving process, for status.
@@ -273,6 +288,8 @@ pub struct ApiContext {
     pub gc_seen: crate::gc::Unreferenced,
     /// `--cache-size` in bytes (0: no bound).
     pub cache_bound: u64,
+    /// The peer set (status), if peers are configured.
+    pub peers: Option<Arc<crate::peer::Peers>>,
 }
 
 /// `/v1/images/<fsid>/<sub>` -> `fsid` (for that `sub` only).
@@ -344,6 +361,17 @@ pub fn images_status(
                     missing_chunks: b.missing_needed(),
                     copied_chunks: b.copied_chunks.load(Ordering::Relaxed),
                     copied_bytes: b.copied_bytes.load(Ordering::Relaxed),
+                    mirror_bytes: b.backend.counters().mirror_bytes.load(Ordering::Relaxed),
+                    peer_chunks: b.peer_chunks.load(Ordering::Relaxed),
+                    peer_bytes: b.peer_bytes.load(Ordering::Relaxed),
+                    home: b
+                        .peers
+                        .as_ref()
+                        .and_then(|p| p.home(&b.digest))
+                        .map(|h| match h {
+                            crate::peer::Home::Local => "self".to_string(),
+                            crate::peer::Home::Peer(a) => a.to_string(),
+                        }),
                 })
                 .collect(),
         })
@@ -385,6 +413,7 @@ async fn handle(
                         .lock()
                         .map(|r| Arc::clone(&r.chunk_index))
                         .map_or(0, |i| i.len() as u64),
+                    peers: ctx.peers.as_ref().map(|p| p.status()),
                 },
             )
         }

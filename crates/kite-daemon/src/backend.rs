@@ -35,7 +35,15 @@ pub enum FetchError {
     },
 }
 
-pub type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<Bytes, FetchError>> + Send + 'a>>;
+/// Stored bytes a backend returned, and which source gave them (for
+/// accounting: `registry`, `mirror`, `http`, `local`).
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub bytes: Bytes,
+    pub source: &'static str,
+}
+
+pub type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<Fetched, FetchError>> + Send + 'a>>;
 
 /// Request and byte counters of a backend.
 #[derive(Debug, Default)]
@@ -43,6 +51,8 @@ pub struct Counters {
     pub requests: AtomicU64,
     pub bytes: AtomicU64,
     pub errors: AtomicU64,
+    /// Of `bytes`, those a registry mirror served.
+    pub mirror_bytes: AtomicU64,
 }
 
 /// A source of blob bytes.
@@ -52,7 +62,9 @@ pub trait Backend: Send + Sync {
     fn counters(&self) -> &Counters;
     /// A short description for status output.
     fn describe(&self) -> String;
-    /// The kind of source, for metrics: `registry`, `http`, `local`.
+    /// The kind of source, for status: `registry`, `http`, `local` (a
+    /// registry backend's fetches may come from a mirror: see
+    /// [`Fetched::source`]).
     fn kind(&self) -> &'static str {
         "other"
     }
@@ -109,7 +121,10 @@ impl Backend for LocalDir {
             self.counters
                 .bytes
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
-            Ok(Bytes::from(data))
+            Ok(Fetched {
+                bytes: Bytes::from(data),
+                source: "local",
+            })
         })
     }
     fn counters(&self) -> &Counters {
@@ -201,7 +216,10 @@ impl Backend for Http {
             self.counters
                 .bytes
                 .fetch_add(body.len() as u64, Ordering::Relaxed);
-            Ok(body)
+            Ok(Fetched {
+                bytes: body,
+                source: "http",
+            })
         })
     }
     fn counters(&self) -> &Counters {
@@ -240,13 +258,19 @@ impl Backend for Registry {
             let (start, end) = (range.start, range.end);
             let digest = format!("sha256:{}", blob.hex());
             let res =
-                tokio::time::timeout(self.timeout, self.repo.fetch_range(&digest, range)).await;
+                tokio::time::timeout(self.timeout, self.repo.fetch_range_from(&digest, range))
+                    .await;
             match res {
-                Ok(Ok(body)) => {
-                    self.counters
-                        .bytes
-                        .fetch_add(body.len() as u64, Ordering::Relaxed);
-                    Ok(body)
+                Ok(Ok((body, mirror))) => {
+                    let n = body.len() as u64;
+                    self.counters.bytes.fetch_add(n, Ordering::Relaxed);
+                    if mirror {
+                        self.counters.mirror_bytes.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Ok(Fetched {
+                        bytes: body,
+                        source: if mirror { "mirror" } else { "registry" },
+                    })
                 }
                 Ok(Err(e)) => {
                     self.counters.errors.fetch_add(1, Ordering::Relaxed);

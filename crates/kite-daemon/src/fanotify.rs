@@ -50,6 +50,9 @@ impl crate::blob::LocalRead for LocalBlobFile {
     fn read_at(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
         std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, off)
     }
+    fn fetches_missing(&self) -> bool {
+        true
+    }
 }
 
 /// Files to mount for a registered image.

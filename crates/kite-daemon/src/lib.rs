@@ -15,6 +15,8 @@
 //! - [`api`]: the control API on a unix socket, and its client.
 //! - [`gc`]: collecting cache data no registered image references.
 //! - [`metrics`]: Prometheus metrics at `/metrics` (`--metrics-addr`).
+//! - [`peer`]: the site's nodes serve each other verified chunks
+//!   (`--peer-listen`, `--peers`), so a site fetches each chunk once.
 //! - [`mounting`]: the client side of a mount (`kite mount`, the
 //!   snapshotter): mount a registered image, set its readahead.
 //! - [`state`]: fetch state persisted across restarts.
@@ -44,6 +46,7 @@ pub mod gc;
 pub mod idle;
 pub mod metrics;
 pub mod mounting;
+pub mod peer;
 pub mod registry;
 pub mod serve;
 pub mod state;
@@ -109,6 +112,8 @@ pub struct DaemonConfig {
     /// Keep the cache's files under this many bytes by evicting
     /// unmounted images (none: unbounded).
     pub cache_size: Option<u64>,
+    /// Peer serving and asking (off unless set).
+    pub peer: peer::PeerConfig,
 }
 
 impl Default for DaemonConfig {
@@ -125,6 +130,7 @@ impl Default for DaemonConfig {
             metrics_addr: None,
             gc_grace: Duration::from_secs(600),
             cache_size: None,
+            peer: peer::PeerConfig::default(),
         }
     }
 }
@@ -193,6 +199,33 @@ pub async fn run(cfg: DaemonConfig, h: Handoff) -> Result<(), DaemonError> {
         .unwrap_or_else(|| PathBuf::from("/run/kite"));
     let mut registry = registry::Registry::new(Some(state_dir.clone()));
     registry.readahead = cfg.readahead;
+    // Peers: the listener is bound before images are adopted, so the
+    // asking side knows its own address (a node is the home of some
+    // blobs). A port that cannot be bound is an error in the log; the
+    // node then only asks.
+    let peer_listener = cfg.peer.listen.and_then(|addr| {
+        match std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std)
+        {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::error!(%addr, "peer listener: {e}; not serving peers");
+                None
+            }
+        }
+    });
+    let peers = if cfg.peer.listen.is_some() || !cfg.peer.peers.is_empty() {
+        let bound = peer_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let p = peer::Peers::new(&cfg.peer, bound).map_err(DaemonError::Config)?;
+        p.refresh().await;
+        Some(p)
+    } else {
+        None
+    };
+    if !cfg.peer.peers.is_empty() {
+        registry.peers = peers.clone();
+    }
     let daemon = daemon::Daemon::new(registry, cfg.merge_bound);
     let (device, fan) = match h.path {
         KernelPath::Cachefiles => {
@@ -249,6 +282,7 @@ pub async fn run(cfg: DaemonConfig, h: Handoff) -> Result<(), DaemonError> {
         adopted: Default::default(),
         gc_seen: Default::default(),
         cache_bound: cfg.cache_size.unwrap_or(0),
+        peers: peers.clone(),
     });
     // Adopt before the first kernel request is read: every blob file and
     // cache object the kernel may ask about must be known (an unknown
@@ -334,6 +368,21 @@ pub async fn run(cfg: DaemonConfig, h: Handoff) -> Result<(), DaemonError> {
             }
         })
     });
+    let peer_tasks = peers.as_ref().map(|p| {
+        let refresher = (!cfg.peer.peers.is_empty()).then(|| p.spawn_refresher());
+        let server = peer_listener.map(|l| {
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(%addr, token = cfg.peer.token.is_some(), "serving peers");
+            }
+            tokio::spawn(peer::serve(
+                l,
+                Arc::clone(&daemon),
+                cfg.peer.token.clone(),
+                Arc::clone(p),
+            ))
+        });
+        (refresher, server)
+    });
     // Metrics never stop the worker: a port that cannot be bound is an
     // error in the log, and serving goes on.
     let metrics = cfg.metrics_addr.map(|addr| {
@@ -400,6 +449,11 @@ pub async fn run(cfg: DaemonConfig, h: Handoff) -> Result<(), DaemonError> {
     api.abort();
     for t in [&metrics, &sweeper, &bounder].into_iter().flatten() {
         t.abort();
+    }
+    if let Some((refresher, server)) = &peer_tasks {
+        for t in [refresher, server].into_iter().flatten() {
+            t.abort();
+        }
     }
     let _ = (&mut serve).await;
     let _ = (&mut api).await;

@@ -203,6 +203,41 @@ impl Collector for StateCollector {
                 self.ctx.cache_bound as i64,
             )?;
         }
+        if let Some(p) = &self.ctx.peers {
+            let st = &p.stats;
+            for (name, help, v) in [
+                (
+                    "peer_served_requests",
+                    "Peer requests this node answered with chunk data",
+                    st.served.load(Ordering::Relaxed),
+                ),
+                (
+                    "peer_served_bytes",
+                    "Chunk bytes (uncompressed) this node served to peers",
+                    st.served_bytes.load(Ordering::Relaxed),
+                ),
+                (
+                    "peer_refused_requests",
+                    "Peer requests refused for a missing or wrong site token",
+                    st.refused.load(Ordering::Relaxed),
+                ),
+                (
+                    "peer_failures",
+                    "Times a peer failed or served corrupt data and was skipped",
+                    st.failures.load(Ordering::Relaxed),
+                ),
+                (
+                    "peer_misses",
+                    "Peer requests answered 404/416/503 (the registry served instead)",
+                    st.misses.load(Ordering::Relaxed),
+                ),
+            ] {
+                let c = ConstCounter::new(v);
+                let name = format!("kite_{name}");
+                let m = enc.encode_descriptor(&name, help, None, c.metric_type())?;
+                c.encode(m)?;
+            }
+        }
         let g = ConstGauge::new(0.0f64);
         let mut fam = enc.encode_descriptor(
             "kite_image_fetched_ratio",
@@ -269,7 +304,7 @@ pub fn registry(ctx: Arc<ApiContext>) -> Registry {
     );
     k.register_with_unit(
         "fetched",
-        "Stored (compressed) bytes received from each source",
+        "Bytes received from each source (registry, mirror, http, local: stored bytes; peer: verified uncompressed chunk bytes; chunk_copy: copied from another blob on this node)",
         Unit::Bytes,
         l.fetched_bytes.clone(),
     );

@@ -173,6 +173,8 @@ pub struct Registry {
     /// Fsids whose registration is keeping their bootstrap on disk before
     /// inserting the image: collection treats them as registered.
     pub registering: std::collections::HashSet<String>,
+    /// The site's peers, for new blobs (none: not configured).
+    pub peers: Option<Arc<crate::peer::Peers>>,
 }
 
 impl Registry {
@@ -225,6 +227,7 @@ impl Registry {
                     );
                     s.readahead = self.readahead;
                     s.fine_chunk = p.fine_chunk;
+                    s.peers = self.peers.clone();
                     let s = Arc::new(s);
                     self.chunk_index.attach(&s);
                     if let Some(map) = &b.saved {

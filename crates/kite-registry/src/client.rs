@@ -100,11 +100,26 @@ pub(crate) struct Inner {
     docker_creds: Mutex<HashMap<String, Option<Credentials>>>,
     /// Mirrors that failed recently are skipped until this instant.
     mirror_down: Mutex<HashMap<String, Instant>>,
+    /// (mirror, blob path) pairs the mirror does not serve ranges of yet
+    /// (a pull-through cache still caching the blob): skipped for that
+    /// blob only, until this instant.
+    mirror_cold: Mutex<HashMap<(String, String), Instant>>,
     pub(crate) stats: Stats,
 }
 
+/// Marks a response a mirror gave (in its extensions), so callers can
+/// account bytes by source.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ServedByMirror;
+
 /// How long a failed mirror is skipped.
 const MIRROR_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a mirror is skipped for one blob after it answered a Range
+/// request with the whole blob. distribution's pull-through cache does
+/// that while the blob is not in its storage yet (and starts caching it);
+/// asking it again at once would make it start another upstream copy of
+/// the whole blob for each range.
+const MIRROR_COLD: Duration = Duration::from_secs(60);
 /// Longest token lifetime believed.
 const MAX_TOKEN_LIFE: Duration = Duration::from_secs(24 * 3600);
 
@@ -152,6 +167,7 @@ impl Client {
                 token_fetches: Mutex::new(HashMap::new()),
                 docker_creds: Mutex::new(HashMap::new()),
                 mirror_down: Mutex::new(HashMap::new()),
+                mirror_cold: Mutex::new(HashMap::new()),
                 stats: Stats::default(),
             }),
         })
@@ -181,7 +197,7 @@ impl Client {
 
     /// The bases to try for `registry`: its mirrors (pulls only), then
     /// the origin.
-    fn bases(&self, registry: &str, origin: &Url, pull: bool) -> Vec<(Url, bool)> {
+    fn bases(&self, registry: &str, origin: &Url, pull: bool, path: &str) -> Vec<(Url, bool)> {
         let mut v = Vec::new();
         if pull {
             let now = Instant::now();
@@ -191,8 +207,15 @@ impl Client {
                 .lock()
                 .map(|d| d.clone())
                 .unwrap_or_default();
+            let cold = self.inner.mirror_cold.lock().ok();
             for m in self.inner.cfg.mirrors.get(registry).into_iter().flatten() {
                 if down.get(m).is_some_and(|until| *until > now) {
+                    continue;
+                }
+                if cold.as_ref().is_some_and(|c| {
+                    c.get(&(m.clone(), path.to_string()))
+                        .is_some_and(|until| *until > now)
+                }) {
                     continue;
                 }
                 match Url::parse(m.trim_end_matches('/')) {
@@ -216,7 +239,8 @@ impl Client {
         origin: &Url,
         op: &Op<'_>,
     ) -> Result<reqwest::Response, RegistryError> {
-        let bases = self.bases(registry, origin, op.pull);
+        let bases = self.bases(registry, origin, op.pull, &op.path);
+        let ranged = op.headers.contains_key(reqwest::header::RANGE);
         let last = bases.len() - 1;
         let mut errors = Vec::new();
         for (i, (base, mirror)) in bases.into_iter().enumerate() {
@@ -231,19 +255,9 @@ impl Client {
             }
             // A mirror that lacks something, refuses us or fails: skip it
             // for a while and try the next source (the origin is last).
-            let why = match res {
-                Ok(r) if r.status().is_success() || r.status() == StatusCode::PARTIAL_CONTENT => {
-                    return Ok(r)
-                }
-                Ok(r) => format!("status {}", r.status()),
-                Err(e) => e.to_string(),
-            };
-            tracing::info!(mirror = %redact(base.as_str()), what = op.what, "mirror failed ({why}); trying the next source");
-            errors.push(format!("mirror {}: {why}", redact(base.as_str())));
-            if let Ok(mut d) = self.inner.mirror_down.lock() {
+            let configured = |base: &Url| {
                 let key = base.as_str().trim_end_matches('/').to_string();
-                let configured = self
-                    .inner
+                self.inner
                     .cfg
                     .mirrors
                     .get(registry)
@@ -251,8 +265,40 @@ impl Client {
                     .flatten()
                     .find(|m| m.trim_end_matches('/') == key)
                     .cloned()
-                    .unwrap_or(key);
-                d.insert(configured, Instant::now() + MIRROR_BACKOFF);
+                    .unwrap_or(key)
+            };
+            let why = match res {
+                // The whole blob to a Range request: a pull-through cache
+                // that has not cached it yet. Not read (it may be GBs);
+                // the next source serves this blob for a while, and the
+                // mirror stays in use for the others.
+                Ok(r) if ranged && r.status() == StatusCode::OK => {
+                    tracing::info!(mirror = %redact(base.as_str()), what = op.what, "mirror answered a Range request with the whole blob (a pull-through cache still caching it?); the next source serves this blob's ranges for {} s", MIRROR_COLD.as_secs());
+                    if let Ok(mut c) = self.inner.mirror_cold.lock() {
+                        let now = Instant::now();
+                        c.retain(|_, until| *until > now);
+                        c.insert((configured(&base), op.path.clone()), now + MIRROR_COLD);
+                    }
+                    self.count_fallback();
+                    errors.push(format!(
+                        "mirror {}: whole blob to a Range request",
+                        redact(base.as_str())
+                    ));
+                    continue;
+                }
+                Ok(mut r)
+                    if r.status().is_success() || r.status() == StatusCode::PARTIAL_CONTENT =>
+                {
+                    r.extensions_mut().insert(ServedByMirror);
+                    return Ok(r);
+                }
+                Ok(r) => format!("status {}", r.status()),
+                Err(e) => e.to_string(),
+            };
+            tracing::info!(mirror = %redact(base.as_str()), what = op.what, "mirror failed ({why}); trying the next source");
+            errors.push(format!("mirror {}: {why}", redact(base.as_str())));
+            if let Ok(mut d) = self.inner.mirror_down.lock() {
+                d.insert(configured(&base), Instant::now() + MIRROR_BACKOFF);
             }
             self.count_fallback();
         }

@@ -335,6 +335,16 @@ impl Repository {
         digest: &str,
         range: Range<u64>,
     ) -> Result<Bytes, RegistryError> {
+        self.fetch_range_from(digest, range).await.map(|(b, _)| b)
+    }
+
+    /// [`Repository::fetch_range`], and whether a mirror served the bytes
+    /// (true) or the registry itself (false).
+    pub async fn fetch_range_from(
+        &self,
+        digest: &str,
+        range: Range<u64>,
+    ) -> Result<(Bytes, bool), RegistryError> {
         let what = format!(
             "blob {digest} of {} bytes {}..{}",
             self.display(),
@@ -342,7 +352,7 @@ impl Repository {
             range.end
         );
         if range.is_empty() {
-            return Ok(Bytes::new());
+            return Ok((Bytes::new(), false));
         }
         let mut attempt = 0;
         loop {
@@ -353,6 +363,10 @@ impl Repository {
                     &what,
                 )
                 .await?;
+            let mirror = resp
+                .extensions()
+                .get::<crate::client::ServedByMirror>()
+                .is_some();
             let status = resp.status();
             if status != StatusCode::PARTIAL_CONTENT {
                 if status.is_success() {
@@ -368,7 +382,7 @@ impl Repository {
             match read_limited(resp, (range.end - range.start) as usize, &what).await {
                 Ok(b) if b.len() as u64 == range.end - range.start => {
                     self.received.fetch_add(b.len() as u64, Ordering::Relaxed);
-                    return Ok(b);
+                    return Ok((b, mirror));
                 }
                 Ok(b) => {
                     return Err(RegistryError::Invalid {

@@ -23,6 +23,48 @@ pub struct DaemonArgs {
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub gc_grace: u64,
     pub cache_size: Option<u64>,
+    pub peer: kite_daemon::peer::PeerConfig,
+}
+
+/// The peer flags of `kite daemon`, checked: the peer list parses, the
+/// token file holds a token (its text, trimmed; never printed).
+pub fn peer_config(
+    listen: Option<std::net::SocketAddr>,
+    peers: Option<&str>,
+    token_file: Option<&Path>,
+    timeout: f64,
+) -> Result<kite_daemon::peer::PeerConfig> {
+    let peers = match peers {
+        Some(p) => kite_daemon::peer::parse_peers(p).map_err(anyhow::Error::msg)?,
+        None => Vec::new(),
+    };
+    let token = match token_file {
+        Some(f) => {
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("--peer-token-file {}", f.display()))?;
+            let t = t.trim().to_string();
+            if t.is_empty() || t.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+                bail!(
+                    "--peer-token-file {}: expected one token of printable ASCII without spaces",
+                    f.display()
+                );
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    if token.is_some() && listen.is_none() && peers.is_empty() {
+        bail!("--peer-token-file without --peer-listen or --peers");
+    }
+    if !(timeout.is_finite() && timeout > 0.0) {
+        bail!("--peer-timeout {timeout}: expected a positive number of seconds");
+    }
+    Ok(kite_daemon::peer::PeerConfig {
+        listen,
+        peers,
+        token,
+        timeout: Duration::from_secs_f64(timeout),
+    })
 }
 
 /// `--kernel-path`: None for `auto`.
@@ -55,6 +97,7 @@ pub async fn daemon(a: DaemonArgs, registry: kite_registry::ClientConfig) -> Res
         metrics_addr: a.metrics_addr,
         gc_grace: Duration::from_secs(a.gc_grace),
         cache_size: a.cache_size,
+        peer: a.peer,
         ..Default::default()
     };
     let handoff = kite_daemon::Handoff {
@@ -531,6 +574,29 @@ pub async fn status(socket: &Path, json: bool) -> Result<()> {
         health.opens_refused,
         health.writer
     );
+    if let Some(p) = &health.peers {
+        println!(
+            "peers: {} (serving at {}); asked {} times: {} received, {} misses, {} failures, {} corrupt answers refused; served {} requests ({}), {} misses, {} refused (token)",
+            p.members
+                .iter()
+                .map(|m| match &m.why {
+                    Some(w) => format!("{} {} ({w})", m.addr, m.state),
+                    None => format!("{} {}", m.addr, m.state),
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            p.listen.as_deref().unwrap_or("nowhere"),
+            p.asked,
+            crate::mib(p.received_bytes),
+            p.misses,
+            p.failures,
+            p.corrupt,
+            p.served,
+            crate::mib(p.served_bytes),
+            p.served_misses,
+            p.refused
+        );
+    }
     for img in images {
         let fetched: u64 = img.blobs.iter().map(|b| b.fetched_bytes).sum();
         let total: u64 = img.blobs.iter().map(|b| b.uncompressed_size).sum();
@@ -548,16 +614,21 @@ pub async fn status(socket: &Path, json: bool) -> Result<()> {
         for b in &img.blobs {
             if seen.insert(b.backend.clone()) {
                 println!(
-                    "  backend {}: {} requests, {}",
+                    "  backend {}: {} requests, {}{}",
                     b.backend,
                     b.backend_requests,
-                    crate::mib(b.backend_bytes)
+                    crate::mib(b.backend_bytes),
+                    if b.mirror_bytes > 0 {
+                        format!(" ({} from mirrors)", crate::mib(b.mirror_bytes))
+                    } else {
+                        String::new()
+                    }
                 );
             }
         }
         for b in img.blobs {
             println!(
-                "  blob {}  chunks {}/{}  fetched {}{}{}{}{}",
+                "  blob {}  chunks {}/{}  fetched {}{}{}{}{}{}",
                 &b.digest[..19],
                 b.fetched_chunks,
                 b.chunks,
@@ -575,6 +646,13 @@ pub async fn status(socket: &Path, json: bool) -> Result<()> {
                     )
                 } else {
                     String::new()
+                },
+                match (&b.home, b.peer_chunks) {
+                    (Some(h), n) => format!(
+                        ", home {h}: {n} chunks ({}) from peers",
+                        crate::mib(b.peer_bytes)
+                    ),
+                    (None, _) => String::new(),
                 },
                 if health.kernel_path == "fanotify" {
                     format!(", {} events", b.events)

@@ -158,6 +158,23 @@ enum Cmd {
         /// first; mounted images are never evicted. Unbounded if unset.
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         cache_size: Option<u64>,
+        /// Serve this node's chunks to the site's other nodes at ADDR (e.g.
+        /// 0.0.0.0:7070): OCI blob routes, read-only, verified.
+        #[arg(long, value_name = "ADDR")]
+        peer_listen: Option<std::net::SocketAddr>,
+        /// The site's nodes, asked before the registry: HOST:PORT,... or
+        /// dns:NAME[:PORT] (every address of NAME, e.g. a headless
+        /// service). Each blob's home is chosen by rendezvous hashing.
+        #[arg(long, value_name = "LIST")]
+        peers: Option<String>,
+        /// Bearer token peers must present, and this node presents (a file
+        /// holding it; never logged).
+        #[arg(long, value_name = "FILE")]
+        peer_token_file: Option<PathBuf>,
+        /// Seconds a peer has to answer one request before the registry
+        /// serves it (and the peer is skipped for 30 s).
+        #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+        peer_timeout: f64,
         /// Replace a running daemon on the same socket (e.g. with a new
         /// binary): it answers what it holds and hands the kernel
         /// interface over; no request is dropped.
@@ -413,11 +430,23 @@ fn run(cli: Cli) -> Result<()> {
             metrics_addr,
             gc_grace,
             cache_size,
+            peer_listen,
+            peers,
+            peer_token_file,
+            peer_timeout,
             takeover,
             worker,
             keeper,
         } => {
             init_logging();
+            // Checked before the holder starts, so a bad flag is an error
+            // here rather than a worker that keeps failing.
+            let peer = lazy::peer_config(
+                peer_listen,
+                peers.as_deref(),
+                peer_token_file.as_deref(),
+                peer_timeout,
+            )?;
             if keeper {
                 kite_holder::run_keeper(&socket, &cache_dir)?;
                 return Ok(());
@@ -465,6 +494,7 @@ fn run(cli: Cli) -> Result<()> {
                     metrics_addr,
                     gc_grace,
                     cache_size,
+                    peer,
                 },
                 reg,
             ))?;

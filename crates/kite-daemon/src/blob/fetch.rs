@@ -420,7 +420,36 @@ impl BlobState {
             .zip(&run)
             .map(|(copy, &i)| copy.map(|buf| self.spawn_write(&object, i, Ok(buf))))
             .collect();
-        // 2. The rest from the backend: consecutive chunks of the run are
+        // 2. From the blob's home peer, if the site has peers and another
+        // node is the home: each stretch not copied is asked for at once,
+        // and used only if every chunk of it verifies.
+        if self.peers.is_some() {
+            let mut parts = Vec::new();
+            let mut k = 0;
+            while k < run.len() {
+                let mut e = k;
+                while e < run.len() && jobs[e].is_none() {
+                    e += 1;
+                }
+                if e > k {
+                    parts.push(k..e);
+                }
+                k = e + 1;
+            }
+            let got = futures::future::join_all(
+                parts
+                    .iter()
+                    .map(|p| self.fetch_from_peer(&run[p.clone()], idle)),
+            )
+            .await;
+            for (p, bufs) in parts.into_iter().zip(got) {
+                let Some(bufs) = bufs else { continue };
+                for ((slot, &i), buf) in jobs[p.clone()].iter_mut().zip(&run[p]).zip(bufs) {
+                    *slot = Some(self.spawn_write(&object, i, Ok(buf)));
+                }
+            }
+        }
+        // 3. The rest from the backend: consecutive chunks of the run are
         // contiguous in the stored blob, so each stretch is one request.
         // The requests run concurrently (a shared future each, driven by
         // its chunks' tasks), and each chunk is decoded and written as
@@ -497,7 +526,7 @@ impl BlobState {
             }
             k = e;
         }
-        // 3. Outcomes, in the run's order.
+        // 4. Outcomes, in the run's order.
         let mut written = Vec::new();
         for ((&i, job), asked) in run.iter().zip(jobs).zip(requested) {
             let step = match job {
@@ -563,11 +592,11 @@ impl BlobState {
             match tokio::time::timeout(self.timeout, self.backend.fetch(self.digest, start..end))
                 .await
             {
-                Ok(Ok(b)) if b.len() as u64 != end - start => Err(FetchError::Failed {
+                Ok(Ok(f)) if f.bytes.len() as u64 != end - start => Err(FetchError::Failed {
                     blob: self.digest,
                     start,
                     end,
-                    why: format!("backend returned {} bytes", b.len()),
+                    why: format!("backend returned {} bytes", f.bytes.len()),
                 }),
                 Ok(r) => r,
                 Err(_) => Err(FetchError::Timeout {
@@ -578,15 +607,102 @@ impl BlobState {
                 }),
             };
         crate::metrics::record_fetch(
-            self.backend.kind(),
+            match &fetched {
+                Ok(f) => f.source,
+                Err(_) => self.backend.kind(),
+            },
             t0.elapsed().as_secs_f64(),
             match &fetched {
-                Ok(b) => crate::metrics::FetchOutcome::Ok(b.len() as u64),
+                Ok(f) => crate::metrics::FetchOutcome::Ok(f.bytes.len() as u64),
                 Err(FetchError::Timeout { .. }) => crate::metrics::FetchOutcome::Timeout,
                 Err(_) => crate::metrics::FetchOutcome::Error,
             },
         );
-        (start, fetched)
+        (start, fetched.map(|f| f.bytes))
+    }
+
+    /// The content of chunks `part` (adjacent) from the blob's home peer,
+    /// each verified against its sha256; `None` if there is no other home,
+    /// the peer does not hold them, fails (it is then skipped for a
+    /// while) or serves anything else (counted as corrupt, nothing kept).
+    async fn fetch_from_peer(&self, part: &[usize], idle: bool) -> Option<Vec<AlignedBuf>> {
+        use crate::peer::{Home, PeerMiss};
+        let peers = self.peers.as_ref()?;
+        let Home::Peer(addr) = peers.home(&self.digest)? else {
+            return None;
+        };
+        let (first, last) = (self.chunks[*part.first()?], self.chunks[*part.last()?]);
+        let start = first.uncompressed_offset;
+        let end = last.uncompressed_offset + u64::from(last.uncompressed_size);
+        let t0 = Instant::now();
+        let body = match peers.fetch(addr, &self.digest, start..end).await {
+            Ok(b) => b,
+            Err(PeerMiss::NotThere(status)) => {
+                tracing::debug!(blob = %self.digest, peer = %addr, %status, "peer miss; fetching from the backend");
+                return None;
+            }
+            Err(PeerMiss::Failed(_)) => {
+                crate::metrics::record_fetch(
+                    "peer",
+                    t0.elapsed().as_secs_f64(),
+                    crate::metrics::FetchOutcome::Error,
+                );
+                return None;
+            }
+        };
+        let recs: Vec<kite_format::ChunkRecord> = part.iter().map(|&i| self.chunks[i]).collect();
+        let check = move || -> Result<Vec<AlignedBuf>, String> {
+            recs.iter()
+                .map(|rec| {
+                    let off = rec
+                        .uncompressed_offset
+                        .checked_sub(start)
+                        .map(|o| o as usize)
+                        .filter(|&o| o + rec.uncompressed_size as usize <= body.len())
+                        .ok_or_else(|| "chunk outside the answer".to_string())?;
+                    let n = rec.uncompressed_size as usize;
+                    let data = &body[off..off + n];
+                    let got = Digest::of(data);
+                    if got != rec.digest {
+                        return Err(format!("chunk {} came as {}", rec.digest.oci(), got.oci()));
+                    }
+                    let mut buf = AlignedBuf::with_zero_tail(align4k(n as u64) as usize, n);
+                    buf.as_mut_slice()[..n].copy_from_slice(data);
+                    Ok(buf)
+                })
+                .collect()
+        };
+        let checked = if idle {
+            crate::idle::run(check).await.unwrap_or_else(Err)
+        } else {
+            tokio::task::spawn_blocking(check)
+                .await
+                .unwrap_or_else(|e| Err(format!("verify task: {e}")))
+        };
+        match checked {
+            Ok(bufs) => {
+                let bytes = end - start;
+                peers
+                    .stats
+                    .received_bytes
+                    .fetch_add(bytes, Ordering::Relaxed);
+                self.peer_chunks
+                    .fetch_add(part.len() as u64, Ordering::Relaxed);
+                self.peer_bytes.fetch_add(bytes, Ordering::Relaxed);
+                crate::metrics::record_fetch(
+                    "peer",
+                    t0.elapsed().as_secs_f64(),
+                    crate::metrics::FetchOutcome::Ok(bytes),
+                );
+                Some(bufs)
+            }
+            Err(why) => {
+                tracing::warn!(blob = %self.digest, peer = %addr, "refusing a peer's answer: {why}");
+                crate::metrics::record_corrupt();
+                peers.corrupt(addr, &why);
+                None
+            }
+        }
     }
 
     /// For each chunk of `run`, a verified copy of its content from

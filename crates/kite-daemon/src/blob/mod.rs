@@ -151,6 +151,11 @@ pub struct BlobState {
     /// instead of fetched.
     pub copied_chunks: AtomicU64,
     pub copied_bytes: AtomicU64,
+    /// The site's peers, asked before the backend (none: not configured).
+    pub peers: Option<Arc<crate::peer::Peers>>,
+    /// Chunks (and their uncompressed bytes) a peer served, verified.
+    pub peer_chunks: AtomicU64,
+    pub peer_bytes: AtomicU64,
 }
 
 impl Drop for BlobState {
@@ -205,6 +210,9 @@ impl BlobState {
             local: OnceLock::new(),
             copied_chunks: AtomicU64::new(0),
             copied_bytes: AtomicU64::new(0),
+            peers: None,
+            peer_chunks: AtomicU64::new(0),
+            peer_bytes: AtomicU64::new(0),
         }
     }
 
@@ -212,6 +220,12 @@ impl BlobState {
     /// path calls this when it can read its cache directly).
     pub fn set_local_reader(&self, reader: Arc<dyn LocalRead>) {
         let _ = self.local.set(reader);
+    }
+
+    /// How this node reads the blob's cache directly, if it can (peer
+    /// serving, local copies).
+    pub fn local_reader(&self) -> Option<Arc<dyn LocalRead>> {
+        self.local.get().cloned()
     }
 
     /// Tell the chunk index that chunks `chunks` are on disk now.

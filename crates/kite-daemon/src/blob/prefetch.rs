@@ -95,6 +95,12 @@ impl BlobState {
         (missing.first().copied(), missing.len())
     }
 
+    /// The cache object the kernel path last handed over, while usable
+    /// (a peer's request for missing chunks is fetched into it).
+    pub fn held_object(&self) -> Option<Arc<dyn CacheObject>> {
+        self.lock().prefetch.object.clone()
+    }
+
     /// Whether the prefetcher can write into this blob's cache object now.
     pub fn has_object(&self) -> bool {
         self.lock().prefetch.object.is_some()

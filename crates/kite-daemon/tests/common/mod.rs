@@ -39,14 +39,14 @@ impl Backend for TestBackend {
                     why: "backend down".into(),
                 });
             }
-            let b = self.inner.fetch(blob, range).await?;
+            let mut f = self.inner.fetch(blob, range).await?;
             if self.corrupt {
-                let mut v = b.to_vec();
+                let mut v = f.bytes.to_vec();
                 let last = v.len() - 1;
                 v[last] ^= 0x55;
-                return Ok(Bytes::from(v));
+                f.bytes = Bytes::from(v);
             }
-            Ok(b)
+            Ok(f)
         })
     }
     fn counters(&self) -> &Counters {

@@ -35,6 +35,14 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(dir: &Path, extra: &[&str]) -> Daemon {
+        Self::start_in(dir, extra, None)
+    }
+
+    /// [`Daemon::start`] in network namespace `netns` (`ip netns` name):
+    /// only its network is that namespace's (nsenter --net), so its files
+    /// and mounts are the host's.
+    pub fn start_in(dir: &Path, extra: &[&str], netns: Option<&str>) -> Daemon {
+        std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("kite.sock");
         let cache = dir.join("cache");
         let log = dir.join(format!(
@@ -42,7 +50,17 @@ impl Daemon {
             Instant::now().elapsed().as_nanos()
         ));
         let logf = std::fs::File::create(&log).unwrap();
-        let child = Command::new(kite_bin())
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(kite_bin());
+                c
+            }
+            None => Command::new(kite_bin()),
+        };
+        let child = cmd
             .args(["daemon", "--kernel-path", "fanotify", "--cache-dir"])
             .arg(&cache)
             .arg("--socket")
