@@ -215,6 +215,10 @@ pub async fn run(cfg: DaemonConfig, h: Handoff) -> Result<(), DaemonError> {
             }
         }
     });
+    let peer_tls = match (&cfg.peer.tls.cert, &cfg.peer.tls.key) {
+        (Some(c), Some(k)) => Some(peer::server_tls(c, k).map_err(DaemonError::Config)?),
+        _ => None,
+    };
     let peers = if cfg.peer.listen.is_some() || !cfg.peer.peers.is_empty() {
         let bound = peer_listener.as_ref().and_then(|l| l.local_addr().ok());
         let p = peer::Peers::new(&cfg.peer, bound).map_err(DaemonError::Config)?;
@@ -372,10 +376,11 @@ pub async fn run(cfg: DaemonConfig, h: Handoff) -> Result<(), DaemonError> {
         let refresher = (!cfg.peer.peers.is_empty()).then(|| p.spawn_refresher());
         let server = peer_listener.map(|l| {
             if let Ok(addr) = l.local_addr() {
-                tracing::info!(%addr, token = cfg.peer.token.is_some(), "serving peers");
+                tracing::info!(%addr, token = cfg.peer.token.is_some(), tls = peer_tls.is_some(), "serving peers");
             }
             tokio::spawn(peer::serve(
                 l,
+                peer_tls.clone(),
                 Arc::clone(&daemon),
                 cfg.peer.token.clone(),
                 Arc::clone(p),

@@ -36,11 +36,16 @@
 //! **Access**: with `--peer-token-file`, both sides use the token as a
 //! bearer token; a request without it is refused with 401. The token is
 //! never logged (its header is marked sensitive, and errors never quote
-//! headers).
+//! headers). With `--peer-tls-cert`/`--peer-tls-key` a node serves over
+//! TLS (rustls), and with `--peer-tls-ca` it asks over TLS, trusting only
+//! that CA, for certificates naming the site's peer name
+//! (`--peer-tls-name`, default `kite-peer`) whatever address it dials: a
+//! site shares one CA and name as it shares one token.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -120,6 +125,123 @@ pub fn parse_peers(s: &str) -> Result<Vec<PeerSpec>, String> {
     Ok(out)
 }
 
+/// TLS on the peer port (PEM files). A site shares one CA; every peer's
+/// certificate carries one name (`name`, a DNS SAN) whatever address it
+/// is dialled at, the way the site shares one token.
+#[derive(Debug, Clone, Default)]
+pub struct PeerTls {
+    /// This node's certificate chain and key: serve over TLS.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The CA the peers' certificates must chain to: ask over TLS.
+    pub ca: Option<PathBuf>,
+    /// The name the peers' certificates must carry.
+    pub name: String,
+}
+
+/// The default name peer certificates carry.
+pub const DEFAULT_TLS_NAME: &str = "kite-peer";
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The TLS acceptor for serving with `cert` (chain) and `key`.
+pub fn server_tls(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("--peer-tls-cert {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "--peer-tls-cert {}: no certificate in it",
+            cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("--peer-tls-key {}: {e}", key.display()))?;
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("--peer-tls-cert/--peer-tls-key: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Verifies a peer's chain against the site CA, for the site's peer name
+/// rather than the address dialled.
+#[derive(Debug)]
+struct SiteName {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for SiteName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _dialled: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The client TLS settings for asking peers: only `ca` is trusted, and
+/// certificates must name `name`.
+pub fn client_tls(ca: &Path, name: &str) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("--peer-tls-ca {}: {e}", ca.display()))?;
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(format!(
+            "--peer-tls-ca {}: no usable CA certificate in it",
+            ca.display()
+        ));
+    }
+    let name = rustls::pki_types::ServerName::try_from(name.to_string())
+        .map_err(|e| format!("--peer-tls-name {name:?}: {e}"))?;
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| format!("--peer-tls-ca {}: {e}", ca.display()))?;
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SiteName { inner, name }))
+        .with_no_client_auth();
+    Ok(cfg)
+}
+
 /// Peer settings of a worker.
 #[derive(Debug, Clone, Default)]
 pub struct PeerConfig {
@@ -131,6 +253,8 @@ pub struct PeerConfig {
     pub token: Option<String>,
     /// Deadline of one request to a peer.
     pub timeout: Duration,
+    /// TLS on the peer port (off unless files are given).
+    pub tls: PeerTls,
 }
 
 /// The home of a blob.
@@ -227,6 +351,8 @@ pub enum PeerMiss {
 
 /// The asking side, shared by every blob of the worker.
 pub struct Peers {
+    /// `http`, or `https` with `--peer-tls-ca`.
+    scheme: &'static str,
     specs: Vec<PeerSpec>,
     /// The address this node serves on (self detection), if it serves.
     listen: Option<SocketAddr>,
@@ -240,13 +366,27 @@ pub struct Peers {
 impl Peers {
     /// The asking side for `cfg`; `listen` is the address actually bound.
     pub fn new(cfg: &PeerConfig, listen: Option<SocketAddr>) -> Result<Arc<Self>, String> {
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(cfg.timeout.min(Duration::from_secs(2)))
-            .timeout(cfg.timeout)
+            .timeout(cfg.timeout);
+        let scheme = match &cfg.tls.ca {
+            Some(ca) => {
+                let name = if cfg.tls.name.is_empty() {
+                    DEFAULT_TLS_NAME
+                } else {
+                    &cfg.tls.name
+                };
+                builder = builder.use_preconfigured_tls(client_tls(ca, name)?);
+                "https"
+            }
+            None => "http",
+        };
+        let client = builder
             .build()
             .map_err(|e| format!("peer HTTP client: {e}"))?;
         Ok(Arc::new(Self {
+            scheme,
             specs: cfg.peers.clone(),
             listen,
             token: cfg.token.clone(),
@@ -364,7 +504,7 @@ impl Peers {
         range: Range<u64>,
     ) -> Result<Bytes, PeerMiss> {
         self.stats.asked.fetch_add(1, Ordering::Relaxed);
-        let url = format!("http://{addr}/v2/kite/blobs/{}", blob.oci());
+        let url = format!("{}://{addr}/v2/kite/blobs/{}", self.scheme, blob.oci());
         let mut req = self
             .client
             .get(&url)
@@ -502,9 +642,11 @@ pub struct Server {
     permits: tokio::sync::Semaphore,
 }
 
-/// Serve peers on `listener` until the task is dropped.
+/// Serve peers on `listener` (over TLS with `tls`) until the task is
+/// dropped.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     daemon: Arc<Daemon>,
     token: Option<String>,
     peers: Arc<Peers>,
@@ -526,16 +668,36 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let server = Arc::clone(&server);
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let server = Arc::clone(&server);
-                async move { Ok::<_, hyper::Error>(server.answer(req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            match tls {
+                None => serve_connection(stream, server).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => serve_connection(s, server).await,
+                        Ok(Err(e)) => tracing::debug!("peer TLS handshake: {e}"),
+                        Err(_) => tracing::debug!("peer TLS handshake timed out"),
+                    }
+                }
+            }
         });
     }
+}
+
+/// How long a peer has to complete a TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn serve_connection<S>(io: S, server: Arc<Server>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let server = Arc::clone(&server);
+        async move { Ok::<_, hyper::Error>(server.answer(req).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
 }
 
 fn reply(status: StatusCode, text: &str) -> Response<Full<Bytes>> {

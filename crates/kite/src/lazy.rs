@@ -33,6 +33,7 @@ pub fn peer_config(
     peers: Option<&str>,
     token_file: Option<&Path>,
     timeout: f64,
+    tls: kite_daemon::peer::PeerTls,
 ) -> Result<kite_daemon::peer::PeerConfig> {
     let peers = match peers {
         Some(p) => kite_daemon::peer::parse_peers(p).map_err(anyhow::Error::msg)?,
@@ -59,11 +60,25 @@ pub fn peer_config(
     if !(timeout.is_finite() && timeout > 0.0) {
         bail!("--peer-timeout {timeout}: expected a positive number of seconds");
     }
+    // The TLS files are loaded once here, so a bad one is an error now.
+    if let (Some(c), Some(k)) = (&tls.cert, &tls.key) {
+        if listen.is_none() {
+            bail!("--peer-tls-cert without --peer-listen");
+        }
+        kite_daemon::peer::server_tls(c, k).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(ca) = &tls.ca {
+        if peers.is_empty() {
+            bail!("--peer-tls-ca without --peers");
+        }
+        kite_daemon::peer::client_tls(ca, &tls.name).map_err(anyhow::Error::msg)?;
+    }
     Ok(kite_daemon::peer::PeerConfig {
         listen,
         peers,
         token,
         timeout: Duration::from_secs_f64(timeout),
+        tls,
     })
 }
 

@@ -171,6 +171,20 @@ enum Cmd {
         /// holding it; never logged).
         #[arg(long, value_name = "FILE")]
         peer_token_file: Option<PathBuf>,
+        /// Serve peers over TLS with this certificate chain (PEM; with
+        /// --peer-tls-key).
+        #[arg(long, value_name = "FILE", requires = "peer_tls_key")]
+        peer_tls_cert: Option<PathBuf>,
+        /// The key of --peer-tls-cert (PEM).
+        #[arg(long, value_name = "FILE", requires = "peer_tls_cert")]
+        peer_tls_key: Option<PathBuf>,
+        /// Ask peers over TLS, trusting only this CA (PEM).
+        #[arg(long, value_name = "FILE")]
+        peer_tls_ca: Option<PathBuf>,
+        /// The name peer certificates must carry (a DNS SAN), whatever
+        /// address a peer is dialled at.
+        #[arg(long, value_name = "NAME", default_value = kite_daemon::peer::DEFAULT_TLS_NAME)]
+        peer_tls_name: String,
         /// Seconds a peer has to answer one request before the registry
         /// serves it (and the peer is skipped for 30 s).
         #[arg(long, value_name = "SECS", default_value_t = 10.0)]
@@ -434,6 +448,10 @@ fn run(cli: Cli) -> Result<()> {
             peers,
             peer_token_file,
             peer_timeout,
+            peer_tls_cert,
+            peer_tls_key,
+            peer_tls_ca,
+            peer_tls_name,
             takeover,
             worker,
             keeper,
@@ -446,6 +464,12 @@ fn run(cli: Cli) -> Result<()> {
                 peers.as_deref(),
                 peer_token_file.as_deref(),
                 peer_timeout,
+                kite_daemon::peer::PeerTls {
+                    cert: peer_tls_cert,
+                    key: peer_tls_key,
+                    ca: peer_tls_ca,
+                    name: peer_tls_name,
+                },
             )?;
             if keeper {
                 kite_holder::run_keeper(&socket, &cache_dir)?;

@@ -1002,3 +1002,165 @@ fn a_pull_through_cache_as_mirror_serves_the_second_node() {
     n1.stop();
     n2.stop();
 }
+
+/// A CA (`NAME-ca.pem`) and, signed by it, a certificate naming
+/// `kite-peer` (`NAME-cert.pem`, `NAME-key.pem`), made with openssl.
+fn site_certs(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |s: &str| dir.join(format!("{name}-{s}"));
+    let (ca, ca_key, cert, key, csr, ext) = (
+        p("ca.pem"),
+        p("ca-key.pem"),
+        p("cert.pem"),
+        p("key.pem"),
+        p("req.csr"),
+        p("ext.cnf"),
+    );
+    let s = |x: &PathBuf| x.to_str().unwrap().to_string();
+    sh(&[
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &s(&ca_key),
+        "-out",
+        &s(&ca),
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN={name} site CA"),
+    ]);
+    sh(&[
+        "openssl",
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &s(&key),
+        "-out",
+        &s(&csr),
+        "-subj",
+        "/CN=kite-peer",
+    ]);
+    std::fs::write(&ext, "subjectAltName=DNS:kite-peer\n").unwrap();
+    sh(&[
+        "openssl",
+        "x509",
+        "-req",
+        "-in",
+        &s(&csr),
+        "-CA",
+        &s(&ca),
+        "-CAkey",
+        &s(&ca_key),
+        "-CAcreateserial",
+        "-out",
+        &s(&cert),
+        "-days",
+        "2",
+        "-extfile",
+        &s(&ext),
+    ]);
+    (ca, cert, key)
+}
+
+#[test]
+fn peers_over_tls_trust_only_the_site_ca() {
+    let test = "peers_over_tls_trust_only_the_site_ca";
+    let openssl = run(&["sh", "-c", "command -v openssl"])
+        .map(|_| ())
+        .map_err(|_| "openssl not installed (ci/setup installs it)".to_string());
+    if !require(
+        test,
+        fanotify_path()
+            .and_then(|()| registry_available())
+            .and(openssl),
+    ) {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let (ca, cert, key) = site_certs(d, "site");
+    let (other_ca, _, _) = site_certs(d, "other");
+    // Bad TLS files are refused at start, naming the file.
+    let o = kite(&[
+        "daemon",
+        "--socket",
+        d.join("x.sock").to_str().unwrap(),
+        "--peers",
+        "127.0.0.1:1",
+        "--peer-tls-ca",
+        cert.with_extension("missing").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--peer-tls-ca"),
+        "{err}"
+    );
+    let reg = Registry::start(&d.join("registry"), None);
+    let (_src, conv, want) = site_image(d);
+    let reference = format!("{}/site/app:v1", reg.addr);
+    kite_ok(&["push", conv.to_str().unwrap(), &reference]);
+    let token = write_token(d, "token", "tls-site-token-93ab");
+    let token_s = token.to_str().unwrap();
+    let a_addr = format!("127.0.0.1:{}", free_port());
+    let a = Daemon::start(
+        &d.join("a"),
+        &[
+            "--peer-listen",
+            &a_addr,
+            "--peer-token-file",
+            token_s,
+            "--peer-tls-cert",
+            cert.to_str().unwrap(),
+            "--peer-tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let mut mounts = Mounts(Vec::new());
+    let mnt_a = d.join("mnt-a");
+    mount(&a, &reference, &mnt_a, &mut mounts);
+    check_tree("node A", &read_all(&mnt_a), &want);
+    // Trusting the site CA: everything from A, over TLS.
+    let ask = |name: &str, ca: &Path| {
+        Daemon::start(
+            &d.join(name),
+            &[
+                "--peers",
+                &a_addr,
+                "--peer-token-file",
+                token_s,
+                "--peer-tls-ca",
+                ca.to_str().unwrap(),
+            ],
+        )
+    };
+    let c = ask("c", &ca);
+    let mnt_c = d.join("mnt-c");
+    mount(&c, &reference, &mnt_c, &mut mounts);
+    check_tree("node C (site CA)", &read_all(&mnt_c), &want);
+    let pc = c.status()["health"]["peers"].clone();
+    assert_eq!(pc["failures"], 0, "{pc}");
+    assert!(c.blob_sum("peer_bytes") > 0, "{pc}");
+    // Trusting another CA: A's certificate is refused, the registry serves.
+    let e = ask("e", &other_ca);
+    let mnt_e = d.join("mnt-e");
+    mount(&e, &reference, &mnt_e, &mut mounts);
+    check_tree("node E (another CA)", &read_all(&mnt_e), &want);
+    let pe = e.status()["health"]["peers"].clone();
+    assert!(pe["failures"].as_u64().unwrap() >= 1, "{pe}");
+    assert_eq!(pe["received_bytes"], 0, "{pe}");
+    assert_eq!(pe["members"][0]["state"], "skipped", "{pe}");
+    eprintln!("a node trusting another CA: {}", pe["members"][0]["why"]);
+    drop(mounts);
+    for n in [a, c, e] {
+        n.stop();
+    }
+}
