@@ -255,6 +255,12 @@ pub struct Health {
     /// Peer serving and asking, if configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peers: Option<crate::peer::PeerStatus>,
+    /// Bytes received since this worker started, by source: `registry`,
+    /// `mirror`, `http`, `local` (stored bytes), `peer` and `chunk_copy`
+    /// (verified uncompressed chunk bytes from a peer or another blob on
+    /// this node).
+    #[serde(default)]
+    pub fetched_by_source: std::collections::BTreeMap<String, u64>,
 }
 
 /// Facts about the serving process, for status.
@@ -414,6 +420,7 @@ async fn handle(
                         .map(|r| Arc::clone(&r.chunk_index))
                         .map_or(0, |i| i.len() as u64),
                     peers: ctx.peers.as_ref().map(|p| p.status()),
+                    fetched_by_source: crate::metrics::fetched_by_source(),
                 },
             )
         }

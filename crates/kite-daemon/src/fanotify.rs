@@ -43,15 +43,27 @@ pub struct BlobFile {
     pub events: AtomicU64,
 }
 
-/// Reads a blob file for the chunk index (see [`crate::blob::index`]).
-struct LocalBlobFile(File);
+/// Reads a blob file for the chunk index and peers (see
+/// [`crate::blob::index`]). Its descriptor is held from registration, so
+/// whether a read through it raises a pre-content event is not something
+/// to rely on (kernel-notes/fanotify.md): callers read only chunks marked
+/// fetched, and verify them.
+struct LocalBlobFile {
+    file: File,
+    path: PathBuf,
+}
 
 impl crate::blob::LocalRead for LocalBlobFile {
     fn read_at(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, off)
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, off)
     }
-    fn fetches_missing(&self) -> bool {
-        true
+    /// A one-byte read through a descriptor opened now, while the file is
+    /// marked: it raises an event the daemon answers, which hands the
+    /// blob a cache object (as `kite pull` starts).
+    fn poke(&self, off: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut one = [0u8; 1];
+        File::open(&self.path)?.read_at(&mut one, off).map(|_| ())
     }
 }
 
@@ -220,11 +232,13 @@ impl FanotifyPath {
         let md = file
             .metadata()
             .map_err(io_err(format!("stat {}", path.display())))?;
-        // Other blobs may copy chunks from this file (the chunk index);
-        // such reads of a watched file raise events this daemon answers
-        // like any other (they are for chunks on disk: allowed at once).
+        // Other blobs may copy chunks from this file (the chunk index),
+        // and peers read it: only chunks marked fetched, verified.
         match file.try_clone() {
-            Ok(f) => blob.set_local_reader(Arc::new(LocalBlobFile(f))),
+            Ok(f) => blob.set_local_reader(Arc::new(LocalBlobFile {
+                file: f,
+                path: path.clone(),
+            })),
             Err(e) => {
                 tracing::warn!(blob = %blob.digest, "no local chunk copies from this blob: {e}")
             }

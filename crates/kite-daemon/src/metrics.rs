@@ -75,8 +75,7 @@ pub enum FetchOutcome {
     Timeout,
 }
 
-/// One backend request of a run of chunks, from `source` (the backend's
-/// kind: registry, http, local).
+/// One request of a run of chunks, from `source` (one of [`SOURCES`]).
 pub fn record_fetch(source: &'static str, seconds: f64, outcome: FetchOutcome) {
     let l = live();
     l.fetch_seconds
@@ -104,6 +103,26 @@ pub fn record_local_copy(bytes: u64) {
         .fetched_bytes
         .get_or_create(&[("source", "chunk_copy")])
         .inc_by(bytes);
+}
+
+/// The sources bytes are counted by, in `kite_fetched_bytes_total`.
+pub const SOURCES: [&str; 6] = ["registry", "mirror", "peer", "http", "local", "chunk_copy"];
+
+/// Bytes received from each source since this worker started (the
+/// `kite_fetched_bytes_total` counters, for status), sources with none
+/// left out.
+pub fn fetched_by_source() -> std::collections::BTreeMap<String, u64> {
+    let l = live();
+    SOURCES
+        .iter()
+        .map(|s| {
+            (
+                s.to_string(),
+                l.fetched_bytes.get_or_create(&[("source", s)]).get(),
+            )
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 /// A chunk whose stored bytes failed verification (never cached).

@@ -882,6 +882,7 @@ impl Server {
             }
             Err((status, why)) => {
                 stats.served_misses.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(blob = %blob.digest, %status, "peer request not served: {why}");
                 reply(status, &why)
             }
         }
@@ -921,25 +922,37 @@ impl Server {
                     "not on disk, and this node is not the blob's home".into(),
                 ));
             }
-            match blob.held_object() {
-                Some(object) => {
-                    if let Err(e) = blob
-                        .ensure(&missing, &object, self.daemon.merge_bound)
-                        .await
-                    {
-                        return Err((StatusCode::SERVICE_UNAVAILABLE, e.to_string()));
+            let object = match blob.held_object() {
+                Some(o) => Some(o),
+                None => {
+                    // fanotify: a read through a fresh descriptor raises
+                    // an event, which hands the blob an object. A plain
+                    // thread: the read waits for this daemon's answer.
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let (l, at) = (Arc::clone(&local), blob.chunk_offset(missing[0]));
+                    std::thread::spawn(move || {
+                        let _ = tx.send(l.poke(at));
+                    });
+                    match tokio::time::timeout(blob.timeout * 2, rx).await {
+                        Ok(Ok(Ok(()))) => blob.held_object(),
+                        _ => None,
                     }
                 }
-                // The read below raises the fetch (fanotify path).
-                None if local.fetches_missing() => {}
-                None => {
-                    return Err((
-                        StatusCode::RANGE_NOT_SATISFIABLE,
-                        "not on disk, and no cache object to fetch into".into(),
-                    ))
-                }
+            };
+            let Some(object) = object else {
+                return Err((
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    "not on disk, and no cache object to fetch into".into(),
+                ));
+            };
+            if let Err(e) = blob
+                .ensure(&missing, &object, self.daemon.merge_bound)
+                .await
+            {
+                return Err((StatusCode::SERVICE_UNAVAILABLE, e.to_string()));
             }
         }
+        let filled = !missing.is_empty();
         let blob = Arc::clone(blob);
         tokio::task::spawn_blocking(move || -> Result<Bytes, (StatusCode, String)> {
             let mut buf = vec![0u8; (range.end - range.start) as usize];
@@ -949,9 +962,12 @@ impl Server {
                     format!("reading the cache: {e}"),
                 )
             })?;
-            for i in chunks {
+            for i in chunks.clone() {
                 if !blob.is_fetched(i) {
-                    return Err((StatusCode::SERVICE_UNAVAILABLE, "not fetched".into()));
+                    return Err((
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("chunk {i} of {chunks:?} not fetched (filled: {filled})"),
+                    ));
                 }
                 let c = blob.chunks[i];
                 let off = (c.uncompressed_offset - range.start) as usize;

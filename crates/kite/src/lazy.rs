@@ -589,6 +589,17 @@ pub async fn status(socket: &Path, json: bool) -> Result<()> {
         health.opens_refused,
         health.writer
     );
+    if !health.fetched_by_source.is_empty() {
+        println!(
+            "fetched since the worker started: {}",
+            health
+                .fetched_by_source
+                .iter()
+                .map(|(s, n)| format!("{s} {}", crate::mib(*n)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     if let Some(p) = &health.peers {
         println!(
             "peers: {} (serving at {}); asked {} times: {} received, {} misses, {} failures, {} corrupt answers refused; served {} requests ({}), {} misses, {} refused (token)",

@@ -48,8 +48,13 @@ fn sh(cmd: &[&str]) -> String {
 }
 
 /// Root, the fanotify path, docker-registry, and namespaces with veth
-/// pairs and a TBF qdisc (tried for real).
+/// pairs and a TBF qdisc (tried for real, once per test process).
 fn site_prereqs() -> Result<(), String> {
+    static PROBED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    PROBED.get_or_init(probe_site).clone()
+}
+
+fn probe_site() -> Result<(), String> {
     fanotify_path()?;
     registry_available()?;
     for bin in ["ip", "tc", "nsenter"] {
@@ -508,6 +513,24 @@ fn a_site_of_three_nodes_fetches_each_chunk_once() {
         "three nodes cost the uplink {three_nodes} B, one node {one_node} B"
     );
     assert!(sum("served_bytes") > 0, "no peer served anything");
+    // Bytes by source: the three nodes together got from peers what the
+    // peers served, and from the registry what the uplink carried.
+    let by_source = |src: &str| -> u64 {
+        statuses
+            .iter()
+            .map(|s| s["health"]["fetched_by_source"][src].as_u64().unwrap_or(0))
+            .sum()
+    };
+    eprintln!(
+        "by source: registry {} B, peer {} B, mirror {} B",
+        by_source("registry"),
+        by_source("peer"),
+        by_source("mirror")
+    );
+    assert_eq!(by_source("peer"), sum("received_bytes"));
+    assert_eq!(by_source("peer"), sum("served_bytes"));
+    assert!(by_source("registry") > 0 && by_source("registry") <= three_nodes);
+    assert_eq!(by_source("mirror"), 0);
     assert_eq!(sum("corrupt"), 0);
     // Every blob's home is one of the three, the same on every node.
     for (b, blob) in statuses[0]["images"][0]["blobs"]
@@ -915,17 +938,42 @@ fn peers_serve_only_token_holders_and_only_what_is_on_disk() {
         backend_c, 0,
         "node C fetched from the registry although A holds everything"
     );
+    // Peers named by DNS: `localhost` resolves to A's address (and maybe
+    // ::1, where nobody listens: skipped, the registry serves its blobs).
+    let a_port = a_addr.rsplit(':').next().unwrap();
+    let dns = Daemon::start(
+        &d.join("dns"),
+        &[
+            "--peers",
+            &format!("dns:localhost:{a_port}"),
+            "--peer-token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    let mnt_dns = d.join("mnt-dns");
+    mount(&dns, &reference, &mnt_dns, &mut mounts);
+    check_tree("node with dns: peers", &read_all(&mnt_dns), &want);
+    let pd = dns.status()["health"]["peers"].clone();
+    assert!(
+        pd["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["addr"] == a_addr.as_str()),
+        "{pd}"
+    );
+    assert!(dns.blob_sum("peer_bytes") > 0, "{pd}");
     let pa = a.status()["health"]["peers"].clone();
     assert!(pa["refused"].as_u64().unwrap() >= 3, "{pa}");
     // The token is in no log.
-    for (n, dmn) in [("A", &a), ("B", &b), ("C", &c)] {
+    for (n, dmn) in [("A", &a), ("B", &b), ("C", &c), ("dns", &dns)] {
         assert!(
             !dmn.log_text().contains(secret),
             "node {n}'s log holds the token"
         );
     }
     drop(mounts);
-    for n in [a, b, c] {
+    for n in [a, b, c, dns] {
         n.stop();
     }
 }
@@ -997,6 +1045,9 @@ fn a_pull_through_cache_as_mirror_serves_the_second_node() {
         "the second node cost the uplink {node2} B"
     );
     assert_eq!(mirror2, backend2, "node 2 fetched around the site cache");
+    let src2 = n2.status()["health"]["fetched_by_source"].clone();
+    assert_eq!(src2["mirror"].as_u64(), Some(mirror2), "{src2}");
+    assert!(src2.get("registry").is_none(), "{src2}");
     assert!(backend2 > 0);
     drop(mounts);
     n1.stop();

@@ -38,11 +38,11 @@ use super::BlobState;
 pub trait LocalRead: Send + Sync {
     /// Fill `buf` from offset `off` of the uncompressed layout.
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()>;
-    /// Whether a read of chunks not on disk fetches them first (the
-    /// fanotify path's blob file raises an event this daemon answers)
-    /// rather than returning whatever the file holds there.
-    fn fetches_missing(&self) -> bool {
-        false
+    /// Make the kernel path hand this blob a cache object, if it can
+    /// without a mount (the fanotify path: a read that raises an event at
+    /// `off`); `Unsupported` otherwise.
+    fn poke(&self, _off: u64) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
     }
 }
 
