@@ -427,6 +427,37 @@ fn read_concurrently(mnts: &[PathBuf]) -> Vec<BTreeMap<PathBuf, Vec<u8>>> {
         .collect()
 }
 
+/// The test image pushed to a registry on 127.0.0.1 (the loopback tests):
+/// the registry, the converted dir, the expected files, the reference.
+fn pushed_on_loopback(d: &Path) -> (Registry, PathBuf, BTreeMap<PathBuf, Vec<u8>>, String) {
+    let reg = Registry::start(&d.join("registry"), None);
+    let (_src, conv, want) = site_image(d);
+    let reference = format!("{}/site/app:v1", reg.addr);
+    kite_ok(&["push", conv.to_str().unwrap(), &reference]);
+    (reg, conv, want, reference)
+}
+
+/// A site of `nodes` nodes behind an uplink of `mbit`, with the test image
+/// pushed to its origin (and, with `mirror`, a pull-through cache in the
+/// router namespace): the site, the image's source layout, the expected
+/// files and the reference the nodes use.
+fn site_with_image(
+    d: &Path,
+    tag: &'static str,
+    nodes: usize,
+    mbit: u32,
+    mirror: bool,
+) -> (Site, PathBuf, BTreeMap<PathBuf, Vec<u8>>, String) {
+    let (src, conv, want) = site_image(d);
+    let mut site = Site::new(tag, nodes, d, mbit);
+    site.start_origin();
+    if mirror {
+        site.start_site_mirror();
+    }
+    let reference = site.push(&conv, "site/app");
+    (site, src, want, reference)
+}
+
 #[test]
 fn a_site_of_three_nodes_fetches_each_chunk_once() {
     let test = "a_site_of_three_nodes_fetches_each_chunk_once";
@@ -435,10 +466,7 @@ fn a_site_of_three_nodes_fetches_each_chunk_once() {
     }
     let dir = tempdir();
     let d = dir.path();
-    let (src, conv, want) = site_image(d);
-    let mut site = Site::new("a", 3, d, 400);
-    site.start_origin();
-    let reference = site.push(&conv, "site/app");
+    let (site, src, want, reference) = site_with_image(d, "a", 3, 400, false);
     let mut mounts = Mounts(Vec::new());
 
     // One node alone, no peers: what one node costs the uplink.
@@ -574,11 +602,8 @@ fn killing_the_home_peer_mid_read_falls_back_to_the_registry() {
     }
     let dir = tempdir();
     let d = dir.path();
-    let (_src, conv, want) = site_image(d);
     // A slow uplink, so the reads are still going when the peer dies.
-    let mut site = Site::new("b", 3, d, 60);
-    site.start_origin();
-    let reference = site.push(&conv, "site/app");
+    let (site, _src, want, reference) = site_with_image(d, "b", 3, 60, false);
     let mut mounts = Mounts(Vec::new());
     let list = peers_list(3);
     let nodes: Vec<Daemon> = (1..=3)
@@ -732,10 +757,7 @@ fn a_peer_serving_corrupt_bytes_is_refused_and_skipped() {
     }
     let dir = tempdir();
     let d = dir.path();
-    let reg = Registry::start(&d.join("registry"), None);
-    let (_src, conv, want) = site_image(d);
-    let reference = format!("{}/site/app:v1", reg.addr);
-    kite_ok(&["push", conv.to_str().unwrap(), &reference]);
+    let (_reg, _conv, want, reference) = pushed_on_loopback(d);
     let (fake, hits) = corrupt_peer();
     let node = Daemon::start(&d.join("node"), &["--peers", &fake]);
     let mut mounts = Mounts(Vec::new());
@@ -806,10 +828,7 @@ fn peers_serve_only_token_holders_and_only_what_is_on_disk() {
     }
     let dir = tempdir();
     let d = dir.path();
-    let reg = Registry::start(&d.join("registry"), None);
-    let (_src, conv, want) = site_image(d);
-    let reference = format!("{}/site/app:v1", reg.addr);
-    kite_ok(&["push", conv.to_str().unwrap(), &reference]);
+    let (_reg, conv, want, reference) = pushed_on_loopback(d);
     let secret = "kite-site-token-7d41e0b2";
     let token = write_token(d, "token", secret);
     let wrong = write_token(d, "wrong", "not-the-site-token");
@@ -986,11 +1005,7 @@ fn a_pull_through_cache_as_mirror_serves_the_second_node() {
     }
     let dir = tempdir();
     let d = dir.path();
-    let (_src, conv, want) = site_image(d);
-    let mut site = Site::new("c", 2, d, 400);
-    site.start_origin();
-    site.start_site_mirror();
-    let reference = site.push(&conv, "site/app");
+    let (site, _src, want, reference) = site_with_image(d, "c", 2, 400, true);
     let mirror = format!("{REGISTRY}=http://{SITE_MIRROR}");
     let mut mounts = Mounts(Vec::new());
 
@@ -1155,10 +1170,7 @@ fn peers_over_tls_trust_only_the_site_ca() {
         !o.status.success() && err.contains("--peer-tls-ca"),
         "{err}"
     );
-    let reg = Registry::start(&d.join("registry"), None);
-    let (_src, conv, want) = site_image(d);
-    let reference = format!("{}/site/app:v1", reg.addr);
-    kite_ok(&["push", conv.to_str().unwrap(), &reference]);
+    let (_reg, _conv, want, reference) = pushed_on_loopback(d);
     let token = write_token(d, "token", "tls-site-token-93ab");
     let token_s = token.to_str().unwrap();
     let a_addr = format!("127.0.0.1:{}", free_port());
