@@ -115,13 +115,11 @@ pub fn fetched_by_source() -> std::collections::BTreeMap<String, u64> {
     let l = live();
     SOURCES
         .iter()
-        .map(|s| {
-            (
-                s.to_string(),
-                l.fetched_bytes.get_or_create(&[("source", s)]).get(),
-            )
+        // `get`, not `get_or_create`: reading must not add empty series.
+        .filter_map(|s| {
+            let n = l.fetched_bytes.get(&[("source", *s)])?.get();
+            (n > 0).then(|| (s.to_string(), n))
         })
-        .filter(|(_, n)| *n > 0)
         .collect()
 }
 
