@@ -686,32 +686,9 @@ pub(crate) async fn queue_all(
                 img.fsid
             ));
         }
-        let path = ctx.cache_dir.join("blobs").join(b.digest.hex());
-        let at = b.chunk_offset(first);
-        // The read waits for the daemon's own answer. A plain thread, not
-        // the blocking pool: a worker told to stop must not wait for it
-        // (the next worker answers the event; the thread dies with us).
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            use std::os::unix::fs::FileExt;
-            let r = std::fs::File::open(&path).and_then(|f| {
-                let mut one = [0u8; 1];
-                f.read_at(&mut one, at).map(|_| ())
-            });
-            let _ = tx.send(r);
-        });
-        match tokio::time::timeout(ctx.fetch_timeout * 2, rx).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => {
-                return Err(format!("reading blob {} to start its pull: {e}", b.digest))
-            }
-            Ok(Err(_)) | Err(_) => {
-                return Err(format!(
-                    "reading blob {} to start its pull: no answer in time",
-                    b.digest
-                ))
-            }
-        }
+        b.request_object(first, ctx.fetch_timeout * 2)
+            .await
+            .map_err(|e| format!("reading blob {} to start its pull: {e}", b.digest))?;
     }
     tracing::info!(fsid = %img.fsid, queued, "every missing chunk queued for the prefetcher");
     Ok(queued)

@@ -637,8 +637,9 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 pub struct Server {
     daemon: Arc<Daemon>,
     token: Option<String>,
-    /// Counters (shared with the asking side, for one status section).
-    stats: Arc<Peers>,
+    /// The asking side: its counters (one status section) and the home
+    /// check.
+    peers: Arc<Peers>,
     permits: tokio::sync::Semaphore,
 }
 
@@ -654,7 +655,7 @@ pub async fn serve(
     let server = Arc::new(Server {
         daemon,
         token,
-        stats: peers,
+        peers,
         permits: tokio::sync::Semaphore::new(SERVE_CONCURRENCY),
     });
     loop {
@@ -753,7 +754,7 @@ fn chunks_exactly(blob: &BlobState, range: &Range<u64>) -> Option<Range<usize>> 
 
 impl Server {
     async fn answer(&self, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-        let stats = &self.stats.stats;
+        let stats = &self.peers.stats;
         if let Some(token) = &self.token {
             let given = req
                 .headers()
@@ -924,20 +925,13 @@ impl Server {
             }
             let object = match blob.held_object() {
                 Some(o) => Some(o),
-                None => {
-                    // fanotify: a read through a fresh descriptor raises
-                    // an event, which hands the blob an object. A plain
-                    // thread: the read waits for this daemon's answer.
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    let (l, at) = (Arc::clone(&local), blob.chunk_offset(missing[0]));
-                    std::thread::spawn(move || {
-                        let _ = tx.send(l.poke(at));
-                    });
-                    match tokio::time::timeout(blob.timeout * 2, rx).await {
-                        Ok(Ok(Ok(()))) => blob.held_object(),
-                        _ => None,
+                None => match blob.request_object(missing[0], blob.timeout * 2).await {
+                    Ok(()) => blob.held_object(),
+                    Err(e) => {
+                        tracing::debug!(blob = %blob.digest, "no cache object for a peer's request: {e}");
+                        None
                     }
-                }
+                },
             };
             let Some(object) = object else {
                 return Err((

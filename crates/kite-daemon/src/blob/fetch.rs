@@ -424,18 +424,7 @@ impl BlobState {
         // node is the home: each stretch not copied is asked for at once,
         // and used only if every chunk of it verifies.
         if self.peers.is_some() {
-            let mut parts = Vec::new();
-            let mut k = 0;
-            while k < run.len() {
-                let mut e = k;
-                while e < run.len() && jobs[e].is_none() {
-                    e += 1;
-                }
-                if e > k {
-                    parts.push(k..e);
-                }
-                k = e + 1;
-            }
+            let parts = open_stretches(&jobs);
             let got = futures::future::join_all(
                 parts
                     .iter()
@@ -454,16 +443,7 @@ impl BlobState {
         // The requests run concurrently (a shared future each, driven by
         // its chunks' tasks), and each chunk is decoded and written as
         // soon as its stretch is in.
-        let mut k = 0;
-        while k < run.len() {
-            if jobs[k].is_some() {
-                k += 1;
-                continue;
-            }
-            let mut e = k + 1;
-            while e < run.len() && jobs[e].is_none() {
-                e += 1;
-            }
+        for std::ops::Range { start: k, end: e } in open_stretches(&jobs) {
             let part = run[k..e].to_vec();
             let part_fetch = {
                 let me = Arc::clone(&self);
@@ -524,7 +504,6 @@ impl BlobState {
                     me.write_step(&object, i, decoded).await
                 }));
             }
-            k = e;
         }
         // 4. Outcomes, in the run's order.
         let mut written = Vec::new();
@@ -827,9 +806,46 @@ impl BlobState {
     }
 }
 
+/// The maximal stretches of `jobs` with no job yet (chunks of a run that
+/// still need a source), as index ranges.
+fn open_stretches<T>(jobs: &[Option<T>]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut k = 0;
+    while k < jobs.len() {
+        let start = k;
+        while k < jobs.len() && jobs[k].is_none() {
+            k += 1;
+        }
+        if k > start {
+            out.push(start..k);
+        }
+        k += 1;
+    }
+    out
+}
+
 /// The uncompressed sizes of chunks `run`.
 fn recs_sizes(table: &[kite_format::ChunkRecord], run: &[usize]) -> Vec<u64> {
     run.iter()
         .map(|&i| u64::from(table[i].uncompressed_size))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn open_stretches_are_the_maximal_runs_without_a_job() {
+        let j = |v: &[u8]| {
+            v.iter()
+                .map(|&x| (x == 1).then_some(()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            super::open_stretches(&j(&[0, 0, 1, 0, 1, 1, 0])),
+            vec![0..2, 3..4, 6..7]
+        );
+        assert_eq!(super::open_stretches(&j(&[1, 1])), vec![]);
+        assert_eq!(super::open_stretches(&j(&[])), vec![]);
+        assert_eq!(super::open_stretches(&j(&[0, 0, 0])), vec![0..3]);
+    }
 }

@@ -101,6 +101,33 @@ impl BlobState {
         self.lock().prefetch.object.clone()
     }
 
+    /// Make the kernel path hand this blob a cache object without a
+    /// mount, by poking its local data at chunk `chunk` (fanotify: a
+    /// one-byte read through a fresh descriptor, which raises an event this
+    /// daemon answers). The read waits for that answer, so it runs on a
+    /// plain thread, not the blocking pool: a worker told to stop must not
+    /// wait for it (the next worker answers the event; the thread dies
+    /// with us). Waits at most `limit`.
+    pub async fn request_object(
+        &self,
+        chunk: usize,
+        limit: std::time::Duration,
+    ) -> Result<(), String> {
+        let Some(local) = self.local_reader() else {
+            return Err("this node cannot read the blob's cache directly".into());
+        };
+        let at = self.chunk_offset(chunk);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(local.poke(at));
+        });
+        match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(e.to_string()),
+            Ok(Err(_)) | Err(_) => Err("no answer in time".into()),
+        }
+    }
+
     /// Whether the prefetcher can write into this blob's cache object now.
     pub fn has_object(&self) -> bool {
         self.lock().prefetch.object.is_some()
