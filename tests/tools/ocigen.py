@@ -11,6 +11,7 @@ suite needs:
     ocigen.py big OUTDIR [--size-gb 2] [--compression mixed|gzip|zstd|none]
     ocigen.py pair OUT1 OUT2                         two images sharing a base layer
     ocigen.py bad KIND OUTDIR                        one bad layer, see BAD_KINDS
+    ocigen.py stalled OUTDIR                         second layer a named pipe
     ocigen.py runnable OUTDIR [--payload-mb 64] [--cmd JSON] [--message TEXT]
                                                      a container image: static
                                                      busybox, payload, a message
@@ -472,14 +473,18 @@ class Layout:
                                 "blob_size": len(data)})
         return desc, diff_id
 
-    def add_image(self, layers: list, platform: str = "linux/amd64", config: dict | None = None) -> dict:
+    def add_image(self, layers: list, platform: str = "linux/amd64", config: dict | None = None,
+                  diff_ids: list | None = None, config_media_type: str | None = None) -> dict:
         """Write the layers (Layer, or (descriptor, diff_id) already stored),
-        a config and a manifest; returns the manifest descriptor with platform."""
-        descs, diff_ids = [], []
+        a config and a manifest; returns the manifest descriptor with platform.
+        ``diff_ids`` and ``config_media_type`` replace the right ones (bad images)."""
+        descs, real_diff_ids = [], []
         for layer in layers:
             d, diff = self.add_layer(layer) if isinstance(layer, Layer) else layer
             descs.append(d)
-            diff_ids.append(diff)
+            real_diff_ids.append(diff)
+        if diff_ids is None:
+            diff_ids = real_diff_ids
         os_, arch, *variant = platform.split("/")
         cfg = {"created": CREATED, "architecture": arch, "os": os_,
                "config": config or {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
@@ -489,7 +494,8 @@ class Layout:
                            for i in range(len(descs))]}
         if variant:
             cfg["variant"] = variant[0]
-        cdesc = self.add_blob(_json(cfg), MT_DOCKER_CONFIG if self.docker else MT_OCI_CONFIG)
+        cdesc = self.add_blob(_json(cfg), config_media_type
+                              or (MT_DOCKER_CONFIG if self.docker else MT_OCI_CONFIG))
         mt = MT_DOCKER_MANIFEST if self.docker else MT_OCI_MANIFEST
         manifest = {"schemaVersion": 2, "mediaType": mt, "config": cdesc, "layers": descs}
         mdesc = self.add_blob(_json(manifest), mt)
@@ -908,7 +914,8 @@ def build_big(out: str, size_gb: float = 2.0, compression: str = "mixed") -> dic
 
 BAD_KINDS = ("truncated-gzip", "corrupt-zstd", "truncated-tar", "dotdot-entry", "absolute-path",
              "symlink-escape", "hardlink-missing", "long-name", "digest-mismatch", "no-platform",
-             "dot-whiteout", "dotdot-whiteout", "big-device", "size-mismatch")
+             "dot-whiteout", "dotdot-whiteout", "big-device", "size-mismatch", "zero-diff-ids",
+             "wrong-diff-id", "diff-id-count", "text-plain-config")
 CULPRIT = "data/culprit.bin"
 
 
@@ -949,9 +956,42 @@ def _zstd_first_block(frame: bytes) -> int:
     return 5 + (0 if single else 1) + did + fcs
 
 
+def _build_bad_config(kind: str, out: str) -> dict:
+    """Good layers, a config that does not fit them. ``names``: what the
+    error must say besides the layer."""
+    lay = Layout(out)
+    mid = Layer("none", mtime=MTIME + 2)
+    mid.dir("data")
+    mid.file("data/ok.txt", b"ok\n")
+    layers = [lay.add_layer(_good(1)), lay.add_layer(mid), lay.add_layer(_good(3))]
+    diff_ids = [d for _, d in layers]
+    layer, names, mt = None, [], None
+    zero = "sha256:" + "0" * 64
+    if kind == "zero-diff-ids":
+        # The first layer is the first to be checked.
+        diff_ids = [zero] * len(layers)
+        layer, names = layers[0][0]["digest"], [zero, layers[0][1]]
+    elif kind == "wrong-diff-id":
+        # An uncompressed layer claiming another layer's diff_id.
+        diff_ids[1] = layers[0][1]
+        layer, names = layers[1][0]["digest"], [layers[0][1], layers[1][1]]
+    elif kind == "diff-id-count":
+        diff_ids = diff_ids[:2]
+        names = ["2 rootfs.diff_ids for 3 layers"]
+    else:
+        mt = "text/plain"
+        names = ['"text/plain"']
+    m = lay.add_image(layers, diff_ids=diff_ids, config_media_type=mt)
+    lay.finish([(m, "latest")])
+    return {"kind": kind, "layer_digest": layer, "entry": None, "names": names,
+            "ref": f"oci:{out}:latest"}
+
+
 def build_bad(kind: str, out: str) -> dict:
     if kind not in BAD_KINDS:
         raise SystemExit(f"ocigen: unknown bad kind {kind!r}; one of {', '.join(BAD_KINDS)}")
+    if kind in ("zero-diff-ids", "wrong-diff-id", "diff-id-count", "text-plain-config"):
+        return _build_bad_config(kind, out)
     lay = Layout(out)
     good1 = lay.add_layer(_good(1))
     entry = None
@@ -1024,6 +1064,29 @@ def build_bad(kind: str, out: str) -> dict:
     return {"kind": kind, "layer_digest": bad[0]["digest"], "entry": entry, "ref": f"oci:{out}:latest"}
 
 
+STALLED_SIZE = 1 << 40
+
+
+def build_stalled(out: str) -> dict:
+    """An image whose second layer (uncompressed tar) is a named pipe, so a
+    test decides when and how fast a conversion reads it: nothing (it
+    blocks), or ``tar_head`` (hex: the header of one file of
+    ``STALLED_SIZE`` - 1 MiB bytes) then zeros as long as it likes."""
+    lay = Layout(out)
+    good1 = lay.add_layer(_good(1))
+    # The descriptor names bytes nobody will finish writing.
+    fake = "sha256:" + hashlib.sha256(b"stalled").hexdigest()
+    desc = {"mediaType": MT_OCI_LAYER["none"], "digest": fake, "size": STALLED_SIZE}
+    fifo = lay.blob_path(fake)
+    os.mkfifo(fifo)
+    m = lay.add_image([good1, (desc, fake)])
+    lay.finish([(m, "latest")])
+    ti = tarfile.TarInfo("endless.bin")
+    ti.size, ti.mtime, ti.mode = STALLED_SIZE - MiB, MTIME, 0o644
+    head = ti.tobuf(format=tarfile.PAX_FORMAT)
+    return {"ref": f"oci:{out}:latest", "fifo": fifo, "tar_head": head.hex()}
+
+
 # --------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------
@@ -1052,6 +1115,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("bad", help="image with one bad layer")
     p.add_argument("kind", choices=BAD_KINDS)
     p.add_argument("out")
+    p = sub.add_parser("stalled", help="image whose second layer is a named pipe")
+    p.add_argument("out")
     a = ap.parse_args(argv)
     if os.path.exists(a.out) and os.listdir(a.out):
         ap.error(f"{a.out} exists and is not empty")
@@ -1068,6 +1133,8 @@ def main(argv=None) -> int:
         res = build_runnable(a.out, a.payload_mb, json.loads(a.command), a.message)
     elif a.cmd == "big":
         res = build_big(a.out, a.size_gb, a.compression)
+    elif a.cmd == "stalled":
+        res = build_stalled(a.out)
     else:
         res = build_bad(a.kind, a.out)
     print(json.dumps(res))

@@ -13,7 +13,8 @@ directory tree, so the two can be compared with ``manifestdiff.py``.
 
 Semantics (per layer, in order):
 - Blob, manifest and config digests are verified, and so is each layer's
-  diff_id (sha256 of the uncompressed tar).
+  diff_id (sha256 of the uncompressed tar; one per layer). The config's
+  media type must be an OCI or Docker image config.
 - Whiteouts ``.wh.NAME`` and opaque markers ``.wh..wh..opq`` apply to the
   lower layers only: they are collected over the whole layer and applied
   before its other entries, so entries of the same layer stay whatever their
@@ -56,6 +57,8 @@ INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json")
 MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
                   "application/vnd.docker.distribution.manifest.v2+json")
+CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json",
+                "application/vnd.docker.container.image.v1+json")
 LAYER_COMPRESSION = {
     "application/vnd.oci.image.layer.v1.tar": "none",
     "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
@@ -341,6 +344,9 @@ def select_manifest(lay: OciLayout, tag: str | None, platform: str) -> tuple[dic
         if desc["mediaType"] not in MANIFEST_TYPES:
             raise ApplyError(f"{desc['digest']}: unsupported media type {desc['mediaType']}")
         m = lay.json(desc)
+        if m["config"]["mediaType"] not in CONFIG_TYPES:
+            raise ApplyError(f"config {m['config']['digest']}: unsupported media type"
+                             f" {json.dumps(m['config']['mediaType'])}")
         cfg = lay.json(m["config"])
         if desc.get("platform") is None and not _platform_ok(
                 {"os": cfg.get("os"), "architecture": cfg.get("architecture"),
@@ -362,7 +368,8 @@ def apply_oci(path: str, tag: str | None, platform: str) -> Node:
     m, cfg = select_manifest(lay, tag, platform)
     diff_ids = cfg.get("rootfs", {}).get("diff_ids", [])
     if len(diff_ids) != len(m["layers"]):
-        raise ApplyError(f"config has {len(diff_ids)} diff_ids for {len(m['layers'])} layers")
+        raise ApplyError(f"config {m['config']['digest']}: {len(diff_ids)} rootfs.diff_ids"
+                         f" for {len(m['layers'])} layers")
     root = Node("dir")
     for desc, diff_id in zip(m["layers"], diff_ids):
         label = f"layer {desc['digest']}"
@@ -402,8 +409,10 @@ def apply_oci(path: str, tag: str | None, platform: str) -> Node:
                 err = proc.stderr.read().decode(errors="replace").strip()
                 if proc.wait() != 0:
                     raise ApplyError(f"{label}: zstd failed: {err}")
-        if "sha256:" + r.sha.hexdigest() != diff_id:
-            raise ApplyError(f"{label}: uncompressed content does not match diff_id {diff_id}")
+        actual = "sha256:" + r.sha.hexdigest()
+        if actual != diff_id:
+            raise ApplyError(f"{label}: diff_id mismatch: the config says {diff_id},"
+                             f" the uncompressed layer is {actual}")
     return root
 
 

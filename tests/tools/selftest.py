@@ -8,7 +8,7 @@ tar, without kite:
   ``treemanifest`` of that tree with ``refapply`` of the image;
 - compare ``refapply dir:X`` (GNU tar + tarfile) with ``treemanifest X``;
 - every ``ocigen bad`` image makes refapply fail naming the layer digest
-  (and the tar entry, when ocigen names one);
+  (and the tar entry and whatever else, when ocigen names them);
 - ocigen output is deterministic; manifestdiff reports differences.
 
     python3 tests/tools/selftest.py [-k NAME]
@@ -173,8 +173,10 @@ def test_bad_images(tmp):
         assert p.returncode == 2, (kind, p.returncode, p.stderr)
         if info["layer_digest"]:
             assert info["layer_digest"] in p.stderr, (kind, p.stderr)
-        else:
+        elif not info.get("names"):
             assert "platform" in p.stderr, (kind, p.stderr)
+        for name in info.get("names", []):
+            assert name in p.stderr, (kind, name, p.stderr)
         if info["entry"]:
             assert repr(info["entry"]) in p.stderr, (kind, p.stderr)
         lines.append(p.stderr.strip())

@@ -1,4 +1,5 @@
-//! Reading one layer: decompress, verify the layer digest, walk its tar
+//! Reading one layer: decompress, verify the layer digest and the config's
+//! diff_id (both hashed while streaming, in one read), walk its tar
 //! entries, and apply each to the merged tree while its file data is cut
 //! into chunks for the layer's blob.
 //!
@@ -14,7 +15,7 @@ use sha2::{Digest as _, Sha256};
 use crate::blob::BlobBuilder;
 use crate::tarstream::{kind, TarEntry, TarReader};
 use crate::tree::{split_path, MergedTree, TreeError};
-use crate::{ConvertError, Progress};
+use crate::{ConvertError, Interrupt, Progress};
 
 /// What an entry is, independent of where it came from (tar or directory).
 #[derive(Debug, Clone)]
@@ -58,6 +59,8 @@ pub(crate) struct Applier<'a> {
     pub inline_max: u64,
     pub files: u64,
     pub file_bytes: u64,
+    /// Checked at every entry and chunk.
+    pub interrupt: &'a Interrupt,
 }
 
 impl Applier<'_> {
@@ -68,6 +71,7 @@ impl Applier<'_> {
         meta: Metadata,
         data: &mut dyn Read,
     ) -> Result<(), EntryError> {
+        self.interrupt.check().map_err(EntryError::Fatal)?;
         let comps = split_path(raw_path)?;
         if let Some(last) = comps.last() {
             if let Some(target) = last.strip_prefix(b".wh.") {
@@ -146,6 +150,7 @@ impl Applier<'_> {
         let mut chunk_size = self.chunk_size;
         let mut first = true;
         loop {
+            self.interrupt.check().map_err(EntryError::Fatal)?;
             let mut buf = Vec::with_capacity(chunk_size as usize);
             if first && self.elf_chunk_size != 0 {
                 let fine = u64::from(self.elf_chunk_size);
@@ -226,6 +231,23 @@ impl<R: Read> Read for DigestReader<'_, R> {
     }
 }
 
+/// Hashes the uncompressed tar stream as the tar reader consumes it, for
+/// the diff_id (no hasher: the stream is the stored layer, hashed already).
+struct DiffIdReader<R> {
+    inner: R,
+    hasher: Option<Sha256>,
+}
+
+impl<R: Read> Read for DiffIdReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
 /// A layer to read from a file.
 pub(crate) struct LayerFile<'a> {
     /// The stored (compressed) layer bytes.
@@ -234,6 +256,9 @@ pub(crate) struct LayerFile<'a> {
     pub digest: &'a str,
     pub size: u64,
     pub compression: Compression,
+    /// `sha256:...` the uncompressed tar stream must hash to (the image
+    /// config's diff_id for this layer).
+    pub diff_id: &'a str,
 }
 
 /// Stream one tar layer into the applier. Returns uncompressed tar bytes.
@@ -259,6 +284,7 @@ pub(crate) fn apply_tar_layer(
     };
     let mut last: Option<String> = None;
     let tar_bytes;
+    let diff_id;
     {
         let decoder: Box<dyn Read + '_> = match layer.compression {
             Compression::None => Box::new(&mut raw),
@@ -267,7 +293,12 @@ pub(crate) fn apply_tar_layer(
                 zstd::stream::read::Decoder::new(&mut raw).map_err(|e| stream_err(&None, e))?,
             ),
         };
-        let mut tr = TarReader::new(decoder);
+        // An uncompressed layer is its own tar stream: its diff_id is its
+        // digest, hashed already.
+        let mut tr = TarReader::new(DiffIdReader {
+            inner: decoder,
+            hasher: (layer.compression != Compression::None).then(Sha256::new),
+        });
         loop {
             let entry = match tr.next_entry() {
                 Ok(Some(e)) => e,
@@ -301,6 +332,9 @@ pub(crate) fn apply_tar_layer(
         let mut rest = tr.into_inner();
         let trailing = io::copy(&mut rest, &mut io::sink()).map_err(|e| stream_err(&last, e))?;
         tar_bytes = archive_bytes + trailing;
+        diff_id = rest
+            .hasher
+            .map(|h| format!("sha256:{}", hex::encode(h.finalize())));
     }
     io::copy(&mut raw, &mut io::sink()).map_err(|e| stream_err(&last, e))?;
     let actual = format!("sha256:{}", hex::encode(raw.hasher.finalize()));
@@ -316,6 +350,14 @@ pub(crate) fn apply_tar_layer(
             layer: label,
             expected: format!("{} ({} bytes)", layer.digest, layer.size),
             actual: format!("{actual} ({} bytes)", raw.count),
+        });
+    }
+    let diff_id = diff_id.unwrap_or(actual);
+    if diff_id != layer.diff_id {
+        return Err(ConvertError::DiffId {
+            layer: label,
+            expected: layer.diff_id.to_string(),
+            actual: diff_id,
         });
     }
     Ok(tar_bytes)

@@ -11,6 +11,11 @@
 //! output directory, which is renamed into place only when complete. On any
 //! error the temporary directory is removed; nothing partial is left under
 //! `--to`. Conversion is byte-reproducible for a given input and options.
+//!
+//! Cancellation: a raised [`Interrupt`] stops a conversion at its next tar
+//! entry or chunk with [`ConvertError::Interrupted`], the staging directory
+//! removed; its owner can also remove the staging directory itself (a
+//! conversion blocked on a read never reaches the next check).
 
 #![forbid(unsafe_code)]
 
@@ -24,6 +29,8 @@ pub mod tarstream;
 pub mod tree;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use kite_format::{ChunkSize, Digest, FormatError};
 use kite_oci::{Layout, OciError, Platform};
@@ -63,6 +70,18 @@ pub enum ConvertError {
     },
     #[error("layer {layer}: unsupported media type {media_type:?}")]
     LayerMediaType { layer: String, media_type: String },
+    #[error("layer {layer}: diff_id mismatch: the image config says {expected}, the uncompressed layer is {actual}")]
+    DiffId {
+        layer: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("source image config {config}: {diff_ids} rootfs.diff_ids for {layers} layers")]
+    DiffIdCount {
+        config: String,
+        diff_ids: usize,
+        layers: usize,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -81,6 +100,8 @@ pub enum ConvertError {
     Profile(String),
     #[error("internal error: {0}")]
     Internal(&'static str),
+    #[error("interrupted")]
+    Interrupted,
 }
 
 impl ConvertError {
@@ -88,6 +109,59 @@ impl ConvertError {
         ConvertError::Io {
             path: path.to_path_buf(),
             source,
+        }
+    }
+}
+
+/// Stops a running conversion from another thread (a signal handler's).
+/// Clones share one state.
+#[derive(Debug, Clone, Default)]
+pub struct Interrupt(Arc<InterruptState>);
+
+#[derive(Debug, Default)]
+struct InterruptState {
+    raised: AtomicBool,
+    /// The staging directory of the conversion running with this
+    /// interrupt, while it exists.
+    staging: Mutex<Option<PathBuf>>,
+}
+
+impl Interrupt {
+    /// Ask the conversion to stop at its next tar entry or chunk.
+    pub fn raise(&self) {
+        self.0.raised.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_raised(&self) -> bool {
+        self.0.raised.load(Ordering::SeqCst)
+    }
+
+    /// Remove the running conversion's staging directory now, for a
+    /// conversion that did not stop (blocked on a read); the caller exits
+    /// right after. Returns the directory removed, if there was one. A
+    /// conversion committing at the same time either has renamed its
+    /// directory into place already (nothing is removed) or fails to.
+    pub fn remove_staging(&self) -> Option<PathBuf> {
+        let mut staging = self.staging();
+        let dir = staging.take()?;
+        // Best effort: the process is about to exit.
+        let _ = std::fs::remove_dir_all(&dir);
+        Some(dir)
+    }
+
+    fn staging(&self) -> std::sync::MutexGuard<'_, Option<PathBuf>> {
+        // A panic while holding the lock leaves a valid Option.
+        self.0
+            .staging
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn check(&self) -> Result<(), ConvertError> {
+        if self.is_raised() {
+            Err(ConvertError::Interrupted)
+        } else {
+            Ok(())
         }
     }
 }
@@ -201,6 +275,8 @@ pub struct ConvertOptions {
     pub inline_max: u64,
     /// Compression threads.
     pub threads: usize,
+    /// Raised to stop the conversion (SIGTERM, SIGINT).
+    pub interrupt: Interrupt,
 }
 
 impl ConvertOptions {
@@ -229,6 +305,7 @@ impl Default for ConvertOptions {
             threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
+            interrupt: Interrupt::default(),
         }
     }
 }
@@ -270,8 +347,9 @@ pub fn convert(
     opts: &ConvertOptions,
     progress: &dyn Progress,
 ) -> Result<ConvertReport, ConvertError> {
-    let staging = output::Staging::create(out)?;
+    let staging = output::Staging::create(out, &opts.interrupt)?;
     let report = run(source, &staging, opts, progress)?;
+    opts.interrupt.check()?;
     staging.commit()?;
     Ok(report)
 }
@@ -307,7 +385,7 @@ fn run(
     // Each layer: (label, how to read it).
     enum Input {
         File(PathBuf),
-        Remote(std::sync::Arc<dyn LayerOpener>, Box<kite_oci::Descriptor>),
+        Remote(Arc<dyn LayerOpener>, Box<kite_oci::Descriptor>),
     }
     enum L {
         Tar {
@@ -315,24 +393,40 @@ fn run(
             digest: String,
             size: u64,
             compression: kite_oci::Compression,
+            diff_id: String,
         },
         Dir(PathBuf),
     }
-    // A tar layer of a manifest, read from `input`.
-    let tar_layer = |d: &kite_oci::Descriptor, input: Input| -> Result<L, ConvertError> {
-        let compression = kite_oci::layer_compression(&d.media_type).ok_or_else(|| {
-            ConvertError::LayerMediaType {
-                layer: d.digest.clone(),
-                media_type: d.media_type.clone(),
-            }
-        })?;
-        Ok(L::Tar {
-            input,
-            digest: d.digest.clone(),
-            size: d.size,
-            compression,
-        })
+    // The config's diff_ids, one per layer of `manifest`.
+    let diff_ids = |manifest: &kite_oci::Manifest, config: &[u8]| {
+        let what = format!("source image config {}", manifest.config.digest);
+        let ids = kite_oci::config_diff_ids(config, &what)?;
+        if ids.len() != manifest.layers.len() {
+            return Err(ConvertError::DiffIdCount {
+                config: manifest.config.digest.clone(),
+                diff_ids: ids.len(),
+                layers: manifest.layers.len(),
+            });
+        }
+        Ok(ids)
     };
+    // A tar layer of a manifest, read from `input`.
+    let tar_layer =
+        |d: &kite_oci::Descriptor, diff_id: String, input: Input| -> Result<L, ConvertError> {
+            let compression = kite_oci::layer_compression(&d.media_type).ok_or_else(|| {
+                ConvertError::LayerMediaType {
+                    layer: d.digest.clone(),
+                    media_type: d.media_type.clone(),
+                }
+            })?;
+            Ok(L::Tar {
+                input,
+                digest: d.digest.clone(),
+                size: d.size,
+                compression,
+                diff_id,
+            })
+        };
     let layers: Vec<L> = match source {
         Source::Oci { path, tag } => {
             let layout = Layout::open(path)?;
@@ -340,11 +434,12 @@ fn run(
             source_manifest = Some(resolved.digest.clone());
             source_ref = tag.clone();
             check_config(&resolved.manifest.config)?;
-            source_config =
-                Some(layout.read_verified(&resolved.manifest.config, "source image config")?);
+            let config = layout.read_verified(&resolved.manifest.config, "source image config")?;
+            let ids = diff_ids(&resolved.manifest, &config)?;
+            source_config = Some(config);
             let mut v = Vec::new();
-            for d in &resolved.manifest.layers {
-                v.push(tar_layer(d, Input::File(layout.blob_path(&d.digest)?))?);
+            for (d, id) in resolved.manifest.layers.iter().zip(ids) {
+                v.push(tar_layer(d, id, Input::File(layout.blob_path(&d.digest)?))?);
             }
             v
         }
@@ -353,11 +448,12 @@ fn run(
             source_manifest = Some(r.manifest_digest.clone());
             source_ref = Some(r.reference.clone());
             check_config(&r.manifest.config)?;
+            let ids = diff_ids(&r.manifest, &r.config)?;
             source_config = Some(r.config.clone());
             let mut v = Vec::new();
-            for d in &r.manifest.layers {
-                let input = Input::Remote(std::sync::Arc::clone(&r.opener), Box::new(d.clone()));
-                v.push(tar_layer(d, input)?);
+            for (d, id) in r.manifest.layers.iter().zip(ids) {
+                let input = Input::Remote(Arc::clone(&r.opener), Box::new(d.clone()));
+                v.push(tar_layer(d, id, input)?);
             }
             v
         }
@@ -365,6 +461,7 @@ fn run(
 
     let count = layers.len();
     for (i, l) in layers.iter().enumerate() {
+        opts.interrupt.check()?;
         let device_id = u16::try_from(blobs.len() + 1)
             .map_err(|_| ConvertError::Internal("more than 65534 layers"))?;
         let tmp = staging.temp_blob_path(i);
@@ -386,6 +483,7 @@ fn run(
             inline_max: opts.inline_max,
             files: 0,
             file_bytes: 0,
+            interrupt: &opts.interrupt,
         };
         let (label, source_layer) = match l {
             L::Tar {
@@ -393,6 +491,7 @@ fn run(
                 digest,
                 size,
                 compression,
+                diff_id,
             } => {
                 progress.layer(i, count, digest, Some(*size));
                 let input: Box<dyn std::io::Read> = match input {
@@ -412,6 +511,7 @@ fn run(
                     digest,
                     size: *size,
                     compression: *compression,
+                    diff_id,
                 };
                 input_bytes += layer::apply_tar_layer(lf, &mut app, progress)?;
                 (digest.clone(), Some(digest.clone()))
@@ -440,6 +540,7 @@ fn run(
             }
         }
     }
+    opts.interrupt.check()?;
     progress.finishing();
     let mut erofs_tree = tree.into_erofs_tree();
     store.resolve(&mut erofs_tree)?;
@@ -481,4 +582,52 @@ fn run(
         chunks_deduplicated: store.deduplicated,
         dedup_bytes: store.dedup_bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Raises the interrupt when the first layer starts.
+    struct RaiseAtLayer(Interrupt);
+    impl Progress for RaiseAtLayer {
+        fn layer(&self, _: usize, _: usize, _: &str, _: Option<u64>) {
+            self.0.raise();
+        }
+    }
+
+    #[test]
+    fn an_interrupted_conversion_stops_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("f"), b"data").unwrap();
+        let out = dir.path().join("out");
+        let opts = ConvertOptions {
+            threads: 1,
+            ..Default::default()
+        };
+        let progress = RaiseAtLayer(opts.interrupt.clone());
+        let e = convert(&Source::Dir(src), &out, &opts, &progress).unwrap_err();
+        assert!(matches!(e, ConvertError::Interrupted), "{e}");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["src"]);
+        // The staging directory is gone and forgotten.
+        assert_eq!(opts.interrupt.remove_staging(), None);
+    }
+
+    #[test]
+    fn removing_the_staging_directory_under_a_conversion_makes_its_commit_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let interrupt = Interrupt::default();
+        let staging = output::Staging::create(&out, &interrupt).unwrap();
+        let removed = interrupt.remove_staging().unwrap();
+        assert!(!removed.exists());
+        assert!(matches!(staging.commit(), Err(ConvertError::Interrupted)));
+        assert!(!out.exists());
+    }
 }

@@ -11,8 +11,10 @@
 //! DIR/bootstrap                       the bootstrap, for local mounts
 //! ```
 //!
-//! All of it is built in a temporary sibling directory ([`Staging`]) that is
-//! renamed over `DIR` at the end and removed if anything fails.
+//! All of it is built in a temporary sibling directory ([`Staging`]),
+//! `.DIR.kite-tmp-PID`, that is renamed over `DIR` at the end and removed if
+//! anything fails. One that a killed conversion left (its process gone) is
+//! removed by the next conversion to `DIR`.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -22,28 +24,41 @@ use kite_erofs::{Device, ImageOptions, Tree};
 use kite_format::{encode_index, BlobEntry, Digest};
 use kite_oci::{media, Descriptor, Manifest};
 
-use crate::{ConvertError, ConvertOptions};
+use crate::{ConvertError, ConvertOptions, Interrupt};
 
 /// File name of the bootstrap in the output directory.
 pub const BOOTSTRAP_NAME: &str = "bootstrap";
 
+/// The process id in a staging directory's name, `.{name}.kite-tmp-PID`,
+/// if `file` is one for an output called `name`.
+fn staging_pid(file: &str, name: &str) -> Option<u32> {
+    let pid = file
+        .strip_prefix('.')?
+        .strip_prefix(name)?
+        .strip_prefix(".kite-tmp-")?;
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
 /// Remove the staging directories that conversions to `name` left in
-/// `parent` when they were killed (SIGKILL cannot clean up): those whose
-/// process no longer exists. A live conversion's is left alone.
+/// `parent` when they were killed (SIGKILL cannot clean up): directories
+/// named exactly `.{name}.kite-tmp-PID` whose process no longer exists. A
+/// live conversion's is left alone, and so is anything else (a symlink or
+/// a file of that name, another output's staging).
 fn remove_stale(parent: &Path, name: &str) {
-    let prefix = format!(".{name}.kite-tmp-");
     let Ok(entries) = fs::read_dir(parent) else {
         return;
     };
     for e in entries.flatten() {
-        let file = e.file_name();
-        let Some(pid) = file
-            .to_str()
-            .and_then(|f| f.strip_prefix(&prefix))
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
+        let Some(pid) = e.file_name().to_str().and_then(|f| staging_pid(f, name)) else {
             continue;
         };
+        // The entry's own type: a symlink is not followed.
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
         if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
@@ -52,16 +67,19 @@ fn remove_stale(parent: &Path, name: &str) {
     }
 }
 
-/// A temporary output directory, removed on drop unless committed.
+/// A temporary output directory, removed on drop unless committed. While
+/// it exists, `interrupt` knows its path (so a signal handler can remove
+/// it when the conversion does not stop).
 pub(crate) struct Staging {
     tmp: PathBuf,
     out: PathBuf,
     committed: bool,
+    interrupt: Interrupt,
 }
 
 impl Staging {
     /// `out` must not exist or be an empty directory.
-    pub fn create(out: &Path) -> Result<Self, ConvertError> {
+    pub fn create(out: &Path, interrupt: &Interrupt) -> Result<Self, ConvertError> {
         match fs::read_dir(out) {
             Ok(mut it) => {
                 if it.next().is_some() {
@@ -84,13 +102,18 @@ impl Staging {
         remove_stale(&parent, &name);
         let tmp = parent.join(format!(".{name}.kite-tmp-{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
-        let blobs = tmp.join("blobs").join("sha256");
-        fs::create_dir_all(&blobs).map_err(|e| ConvertError::io(&blobs, e))?;
-        Ok(Self {
+        // Known to the interrupt before it exists, so that no moment has a
+        // staging directory a signal handler cannot find.
+        *interrupt.staging() = Some(tmp.clone());
+        let staging = Self {
             tmp,
             out: out.to_path_buf(),
             committed: false,
-        })
+            interrupt: interrupt.clone(),
+        };
+        let blobs = staging.blob_dir();
+        fs::create_dir_all(&blobs).map_err(|e| ConvertError::io(&blobs, e))?;
+        Ok(staging)
     }
 
     pub fn final_path(&self) -> &Path {
@@ -110,9 +133,18 @@ impl Staging {
         if let Ok(f) = fs::File::open(&self.tmp) {
             let _ = f.sync_all();
         }
+        // Under the interrupt's lock: a signal handler removing the
+        // staging directory either goes first (and the rename fails) or
+        // finds it renamed into place.
+        let mut known = self.interrupt.staging();
+        if known.is_none() {
+            return Err(ConvertError::Interrupted);
+        }
         // An empty existing directory is replaced; rename(2) does that
         // atomically for directories.
         fs::rename(&self.tmp, &self.out).map_err(|e| ConvertError::io(&self.out, e))?;
+        *known = None;
+        drop(known);
         self.committed = true;
         Ok(())
     }
@@ -122,6 +154,7 @@ impl Drop for Staging {
     fn drop(&mut self) {
         if !self.committed {
             let _ = fs::remove_dir_all(&self.tmp);
+            *self.interrupt.staging() = None;
         }
     }
 }
@@ -302,4 +335,62 @@ fn write_synced(path: &Path, data: &[u8]) -> Result<(), ConvertError> {
     let mut f = fs::File::create(path).map_err(|e| ConvertError::io(path, e))?;
     f.write_all(data).map_err(|e| ConvertError::io(path, e))?;
     f.sync_all().map_err(|e| ConvertError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_names_are_matched_exactly() {
+        assert_eq!(staging_pid(".out.kite-tmp-123", "out"), Some(123));
+        assert_eq!(staging_pid(".a.b.kite-tmp-7", "a.b"), Some(7));
+        for other in [
+            ".out.kite-tmp-",
+            ".out.kite-tmp-+12",
+            ".out.kite-tmp--1",
+            ".out.kite-tmp-12a",
+            ".out.kite-tmp-99999999999",
+            "out.kite-tmp-12",
+            ".outx.kite-tmp-12",
+            ".out.kite-tmp-12/x",
+            ".out",
+        ] {
+            assert_eq!(staging_pid(other, "out"), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn only_dead_conversions_staging_directories_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let dead = gone.id();
+        gone.wait().unwrap();
+        let stale = p.join(format!(".out.kite-tmp-{dead}"));
+        fs::create_dir_all(stale.join("blobs/sha256")).unwrap();
+        fs::write(stale.join("bootstrap"), b"partial").unwrap();
+        let ours = p.join(format!(".out.kite-tmp-{}", std::process::id()));
+        fs::create_dir(&ours).unwrap();
+        let other_output = p.join(format!(".other.kite-tmp-{dead}"));
+        fs::create_dir(&other_output).unwrap();
+        let not_digits = p.join(format!(".out.kite-tmp-{dead}x"));
+        fs::create_dir(&not_digits).unwrap();
+        // A symlink of the pattern pointing elsewhere: neither it nor its
+        // target is touched.
+        let target = p.join("precious");
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("keep"), b"keep").unwrap();
+        let mut gone2 = std::process::Command::new("true").spawn().unwrap();
+        let dead2 = gone2.id();
+        gone2.wait().unwrap();
+        let link = p.join(format!(".out.kite-tmp-{dead2}"));
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        remove_stale(p, "out");
+        assert!(!stale.exists());
+        for kept in [&ours, &other_output, &not_digits, &target.join("keep")] {
+            assert!(kept.exists(), "{} was removed", kept.display());
+        }
+        assert!(link.symlink_metadata().is_ok(), "the symlink was removed");
+    }
 }

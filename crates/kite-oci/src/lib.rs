@@ -605,6 +605,46 @@ fn config_platform(cfg: &[u8]) -> Option<Platform> {
     })
 }
 
+/// The `rootfs.diff_ids` of an image config: the sha256 of each layer's
+/// uncompressed tar stream, in layer order. A config without them, with a
+/// `rootfs.type` other than `layers`, or with a diff_id that is not a
+/// sha256 digest is refused (`what` names the config in the error).
+pub fn config_diff_ids(config: &[u8], what: &str) -> Result<Vec<String>, OciError> {
+    #[derive(Deserialize)]
+    struct Cfg {
+        rootfs: Option<RootFs>,
+    }
+    #[derive(Deserialize)]
+    struct RootFs {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        diff_ids: Option<Vec<String>>,
+    }
+    let c: Cfg = serde_json::from_slice(config).map_err(|source| OciError::Json {
+        what: what.to_string(),
+        source,
+    })?;
+    let rootfs = c
+        .rootfs
+        .ok_or_else(|| OciError::Invalid(format!("{what} has no rootfs")))?;
+    if let Some(kind) = rootfs.kind.filter(|k| k != "layers") {
+        return Err(OciError::Invalid(format!(
+            "{what}: rootfs.type is {kind:?}, not \"layers\""
+        )));
+    }
+    let ids = rootfs
+        .diff_ids
+        .ok_or_else(|| OciError::Invalid(format!("{what} has no rootfs.diff_ids")))?;
+    for (i, d) in ids.iter().enumerate() {
+        digest_hex(d).map_err(|_| {
+            OciError::Invalid(format!(
+                "{what}: rootfs.diff_ids[{i}] {d:?} is not a sha256 digest"
+            ))
+        })?;
+    }
+    Ok(ids)
+}
+
 /// Write `data` as a blob of the layout at `root`, returning its descriptor
 /// digest. Writes to a temporary name and renames.
 pub fn write_blob(root: &Path, data: &[u8]) -> Result<String, OciError> {
@@ -642,6 +682,39 @@ pub fn write_layout_index(root: &Path, manifest: Descriptor) -> Result<(), OciEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_diff_ids_are_read_and_checked() {
+        let z = format!("sha256:{}", "0".repeat(64));
+        let ok = format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{z}","{z}"]}}}}"#);
+        assert_eq!(
+            config_diff_ids(ok.as_bytes(), "cfg").unwrap(),
+            [z.clone(), z.clone()]
+        );
+        let empty = r#"{"rootfs":{"type":"layers","diff_ids":[]}}"#;
+        assert!(config_diff_ids(empty.as_bytes(), "cfg").unwrap().is_empty());
+        for (bad, says) in [
+            (r#"{"os":"linux"}"#.to_string(), "no rootfs"),
+            (
+                r#"{"rootfs":{"type":"layers"}}"#.into(),
+                "no rootfs.diff_ids",
+            ),
+            (
+                format!(r#"{{"rootfs":{{"type":"squash","diff_ids":["{z}"]}}}}"#),
+                "\"squash\"",
+            ),
+            (
+                r#"{"rootfs":{"diff_ids":["sha512:00"]}}"#.into(),
+                "diff_ids[0] \"sha512:00\"",
+            ),
+            ("[1]".into(), "not valid JSON"),
+        ] {
+            let e = config_diff_ids(bad.as_bytes(), "cfg")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says) && e.contains("cfg"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn platform_parse_and_match() {

@@ -2,7 +2,8 @@
 //! libraries. No pipeline logic lives here.
 //!
 //! Exit codes: 0 success; 1 the operation failed (bad input, corrupt image,
-//! I/O error; the message names the culprit); 2 usage error.
+//! I/O error; the message names the culprit); 2 usage error; 130 or 143 a
+//! conversion stopped by SIGINT or SIGTERM (nothing left under `--to`).
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ use kite_oci::Platform;
 mod lazy;
 mod progress;
 mod registry;
+mod signals;
 
 #[derive(Parser)]
 #[command(
@@ -638,7 +640,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             let bar = progress::Bar::new(!quiet);
             let start = Instant::now();
-            let rep = convert(&source, &to, &opts, &bar)?;
+            let watch = signals::watch(&rt, opts.interrupt.clone())?;
+            let rep = convert(&source, &to, &opts, &bar).map_err(|e| {
+                bar.done();
+                watch.exit_if_interrupted(e)
+            })?;
             bar.done();
             let secs = start.elapsed().as_secs_f64();
             println!("converted {from} -> {}", to.display());
