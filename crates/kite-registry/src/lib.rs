@@ -50,6 +50,12 @@ pub enum RegistryError {
         expected: String,
         actual: String,
     },
+    #[error("{what}: size mismatch: the descriptor says {expected} bytes, the content is {actual} bytes (its digest matches: the descriptor's size is wrong)")]
+    Size {
+        what: String,
+        expected: u64,
+        actual: u64,
+    },
     #[error("{what}: {why}")]
     Invalid { what: String, why: String },
     #[error("{what}: {source}")]

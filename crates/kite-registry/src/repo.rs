@@ -498,6 +498,13 @@ impl Repository {
             }
         }
         let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if &actual == digest && got != desc.size {
+            return Err(RegistryError::Size {
+                what,
+                expected: desc.size,
+                actual: got,
+            });
+        }
         if got != desc.size || &actual != digest {
             return Err(RegistryError::Digest {
                 what,
@@ -887,6 +894,73 @@ mod tests {
             ..idx
         };
         assert!(choose_platform(&only, &amd).is_none());
+    }
+
+    /// A registry that serves `body` for any request, whole, every time.
+    async fn serve_always(body: &'static [u8]) -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match c.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = c.write_all(head.as_bytes()).await;
+                    let _ = c.write_all(body).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_descriptor_with_the_right_digest_and_a_wrong_size_is_a_size_mismatch() {
+        let body: &'static [u8] = b"the whole blob";
+        let addr = serve_always(body).await;
+        let client = Client::new(crate::ClientConfig {
+            retries: 1,
+            backoff: std::time::Duration::from_millis(1),
+            ..Default::default()
+        })
+        .unwrap();
+        let reference = Reference::parse(&format!("{addr}/test/blob:v1")).unwrap();
+        let repo = client.repository(&reference, true).unwrap();
+        let digest = sha256_hex(body);
+        let d = Descriptor {
+            media_type: media::OCI_LAYER_GZIP.into(),
+            digest: digest.clone(),
+            size: body.len() as u64 + 1,
+            platform: None,
+            annotations: Default::default(),
+            artifact_type: None,
+        };
+        let e = repo.download(&d, |_| async { true }).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RegistryError::Size { expected, actual, .. }
+                    if expected == body.len() as u64 + 1 && actual == body.len() as u64
+            ),
+            "{e}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&digest)
+                && msg.contains("size mismatch")
+                && !msg.contains("digest mismatch"),
+            "{msg}"
+        );
     }
 
     #[test]
