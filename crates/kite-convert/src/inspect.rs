@@ -289,6 +289,7 @@ pub struct CheckReport {
 /// Verify a bootstrap and its blobs completely.
 pub fn check(data: &[u8], blob_dir: &Path) -> Result<CheckReport, VerifyError> {
     let bs = Bootstrap::parse(data)?;
+    bs.validate()?;
     let blobs: Vec<BlobView> = bs.index.blobs().collect();
     let mut rep = CheckReport::default();
     // 1. Every inode and every chunk reference resolves.

@@ -4,7 +4,8 @@
 //! cookie key the kernel sends in the bootstrap's OPEN. Blobs are known by
 //! their digest (the device-table tag the kernel sends as cookie key) and
 //! shared between images. Registration validates the whole bootstrap (EROFS
-//! superblock, index checksum, device table against blob table) before
+//! superblock, index checksum, device table against blob table, then every
+//! inode, directory, xattr and chunk index: `Bootstrap::validate`) before
 //! anything is served from it.
 
 use std::collections::HashMap;
@@ -386,10 +387,13 @@ pub fn prepare(
     source: String,
     state_dir: Option<&Path>,
 ) -> Result<Prepared, DaemonError> {
-    let parsed = Bootstrap::parse(&bootstrap).map_err(|e| DaemonError::BadBootstrap {
+    let bad = |e: kite_format::FormatError| DaemonError::BadBootstrap {
         source_name: source.clone(),
         why: e.to_string(),
-    })?;
+    };
+    let parsed = Bootstrap::parse(&bootstrap).map_err(bad)?;
+    // The whole metadata, before the kernel sees any of it.
+    parsed.validate().map_err(bad)?;
     let fsid = Digest::of(&bootstrap).hex();
     let referenced = referenced_chunks(&parsed);
     if let Err(e) = &referenced {

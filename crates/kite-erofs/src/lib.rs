@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod ondisk;
 pub mod reader;
 pub mod writer;

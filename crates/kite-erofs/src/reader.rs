@@ -100,6 +100,36 @@ impl<'a> Image<'a> {
         Ok(img)
     }
 
+    /// The image's bytes (the whole file, index section included).
+    pub(crate) fn data(&self) -> &'a [u8] {
+        self.data
+    }
+
+    /// Byte offset just past an inode and its inline xattrs: where its
+    /// inline data (a directory's entries, a symlink's target) starts.
+    pub fn inline_data_offset(&self, inode: &Inode) -> u64 {
+        inode.body_off
+    }
+
+    /// The raw inline xattr area of `inode` (header included).
+    pub(crate) fn xattr_body(&self, inode: &Inode) -> Result<&'a [u8], ErofsError> {
+        let size = xattr_ibody_size(inode.raw.xattr_icount);
+        self.slice(inode.body_off - size as u64, size, "xattrs")
+    }
+
+    /// The raw bytes of `count` chunk indexes of `inode`.
+    pub(crate) fn chunk_index_bytes(
+        &self,
+        inode: &Inode,
+        count: usize,
+    ) -> Result<&'a [u8], ErofsError> {
+        self.slice(
+            align_up(inode.body_off, 8),
+            count * CHUNK_INDEX_SIZE,
+            "chunk indexes",
+        )
+    }
+
     pub fn superblock(&self) -> &SuperBlock {
         &self.sb
     }

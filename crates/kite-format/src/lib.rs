@@ -378,6 +378,59 @@ impl<'a> Bootstrap<'a> {
             index_offset,
         })
     }
+
+    /// Validate the whole bootstrap, as every registration does before the
+    /// kernel sees it: the EROFS metadata in full
+    /// ([`kite_erofs::check`]), and every chunk index of every file against
+    /// the index section: the file's chunk size is the image's (or its
+    /// fine chunk size), and each chunk starts a chunk of the blob's table
+    /// whose extent holds the file's chunk, so a read of any byte of a
+    /// file is served by exactly the chunk the converter stored for it.
+    pub fn validate(&self) -> Result<kite_erofs::check::CheckReport, FormatError> {
+        let blobs: Vec<_> = self.index.blobs().collect();
+        let sizes = [self.index.chunk_size, self.index.fine_chunk_size];
+        let mut bad = None;
+        let report = kite_erofs::check::check_with(&self.erofs, &mut |inode, idx| {
+            let nid = inode.nid;
+            let bits = inode.chunk_bits().unwrap_or(0);
+            let chunk = 1u64 << bits;
+            if !sizes.iter().any(|&s| s as u64 == chunk) {
+                bad = Some(format!(
+                    "nid {nid}: chunk size {chunk} is neither the image's {} nor its fine {}",
+                    sizes[0], sizes[1]
+                ));
+                return Err(kite_erofs::ErofsError::Corrupt("chunk size".into()));
+            }
+            for (i, ci) in idx.iter().enumerate() {
+                if ci.is_hole() {
+                    continue;
+                }
+                // The EROFS check put device_id in 1..=devices, and parse()
+                // matched the devices with the blob table one to one.
+                let Some(blob) = blobs.get(ci.device_id as usize - 1) else {
+                    continue;
+                };
+                let start = ci.blkaddr as u64 * 4096;
+                let len = chunk.min(inode.raw.size - i as u64 * chunk);
+                let fits = self.index.find_chunk(blob, start).is_some_and(|(_, r)| {
+                    r.uncompressed_offset == start && start + len <= r.uncompressed_end()
+                });
+                if !fits {
+                    bad = Some(format!(
+                        "nid {nid} chunk {i}: bytes {start}+{len} of blob {} are not one chunk of its table",
+                        blob.record.digest
+                    ));
+                    return Err(kite_erofs::ErofsError::Corrupt("chunk".into()));
+                }
+            }
+            Ok(())
+        });
+        match (report, bad) {
+            (Ok(r), _) => Ok(r),
+            (Err(_), Some(why)) => Err(FormatError::BadIndex(why)),
+            (Err(e), None) => Err(e.into()),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -340,3 +340,40 @@ fn elf_files_are_cut_in_fine_chunks() {
     let big = convert("big", &["--chunk-size", "64K", "--elf-chunk-size", "64K"]);
     assert!(!summary(&big).contains("ELF files"), "{}", summary(&big));
 }
+
+/// The root inode's offset in a bootstrap kite wrote (meta_blkaddr 0).
+fn root_inode_offset(boot: &[u8]) -> usize {
+    let root_nid = u16::from_le_bytes([boot[1024 + 14], boot[1024 + 15]]) as usize;
+    root_nid * 32
+}
+
+#[test]
+fn check_metadata_validates_a_bootstrap_without_its_blobs() {
+    let dir = tempdir();
+    let conv = convert_example(dir.path(), &[]);
+    let boot = conv.join("bootstrap");
+    let out = kite_ok(&["check", "--metadata", boot.to_str().unwrap()]);
+    assert!(out.starts_with("ok: "), "{out}");
+    assert!(out.contains(" directories, "), "{out}");
+
+    // A root inode that says it is a regular file: the kernel would refuse
+    // the mount; the validator names the inode first.
+    let mut bytes = std::fs::read(&boot).unwrap();
+    let at = root_inode_offset(&bytes) + 4;
+    bytes[at..at + 2].copy_from_slice(&0o100644u16.to_le_bytes());
+    let bad = dir.path().join("bad-bootstrap");
+    std::fs::write(&bad, &bytes).unwrap();
+    let o = kite(&["check", "--metadata", bad.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("is not a valid bootstrap"), "{err}");
+    assert!(err.contains("the inode is type 1"), "{err}");
+    // The full check validates first, too.
+    let o = kite(&[
+        "check",
+        bad.to_str().unwrap(),
+        "--blobs",
+        conv.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+}
