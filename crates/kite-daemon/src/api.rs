@@ -52,6 +52,12 @@ pub struct RegisterRequest {
     /// With `bootstrap`: a prefetch profile file to fetch ahead of readers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefetch: Option<PathBuf>,
+    /// With `bootstrap` (required): the `sha256:<hex>` its image's manifest
+    /// names. The daemon refuses a bootstrap whose bytes hash to anything
+    /// else, as it does for registry images: a file changed after
+    /// conversion never reaches the kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_digest: Option<String>,
 }
 
 /// A registry image to register.
@@ -948,12 +954,27 @@ async fn register(
             (bytes, backend, pinned.clone(), Some(pinned), profile)
         }
         (None, Some(bootstrap), Some(spec)) => {
+            let Some(expected) = r.bootstrap_digest.clone() else {
+                return Err(DaemonError::Config(
+                    "a bootstrap registration names the digest its image's manifest gives (bootstrap_digest)".into(),
+                ));
+            };
             let (path, prefetch) = (bootstrap.clone(), r.prefetch.clone());
             let (bytes, profile) = blocking(move || {
                 let bytes = std::fs::read(&path).map_err(|e| DaemonError::Io {
                     what: format!("reading bootstrap {}", path.display()),
                     source: e,
                 })?;
+                // Checked on the bytes read, which are the bytes used.
+                let actual = kite_format::Digest::of(&bytes).oci();
+                if actual != expected {
+                    return Err(DaemonError::BadBootstrap {
+                        source_name: path.display().to_string(),
+                        why: format!(
+                            "its sha256 is {actual}, but the image's manifest names {expected} (changed after conversion?)"
+                        ),
+                    });
+                }
                 let parsed = kite_format::Bootstrap::parse(&bytes).map_err(|e| {
                     DaemonError::BadBootstrap {
                         source_name: path.display().to_string(),

@@ -479,6 +479,41 @@ impl Layout {
         })
     }
 
+    /// The bootstrap a kite image directory's manifest names (a converted
+    /// image holds one manifest with exactly one bootstrap layer): what
+    /// the `bootstrap` file beside it must hash to.
+    pub fn kite_bootstrap(&self) -> Result<BootstrapLayer, OciError> {
+        let index = self.index()?;
+        let [desc] = index.manifests.as_slice() else {
+            return Err(OciError::Invalid(format!(
+                "{} holds {} manifests; a kite image directory holds one",
+                self.root.display(),
+                index.manifests.len()
+            )));
+        };
+        let bytes = self.read_verified(desc, "kite manifest")?;
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|source| OciError::Json {
+                what: format!("manifest {}", desc.digest),
+                source,
+            })?;
+        let mut found = Vec::new();
+        for l in &manifest.layers {
+            if let Some(b) = BootstrapLayer::of(l).map_err(OciError::Invalid)? {
+                found.push(b);
+            }
+        }
+        match <[BootstrapLayer; 1]>::try_from(found) {
+            Ok([b]) => Ok(b),
+            Err(found) => Err(OciError::Invalid(format!(
+                "manifest {} of {} has {} bootstrap layers; a kite image has exactly one",
+                desc.digest,
+                self.root.display(),
+                found.len()
+            ))),
+        }
+    }
+
     /// Choose a manifest: by tag (the `org.opencontainers.image.ref.name`
     /// annotation) if given, then by platform through nested indexes.
     pub fn resolve(&self, tag: Option<&str>, platform: &Platform) -> Result<Resolved, OciError> {

@@ -219,11 +219,16 @@ pub async fn mount(
                 None => BackendSpec::Local { dir: dir.clone() },
             };
             let profile = dir.join(kite_convert::profile::PREFETCH_NAME);
+            // The daemon checks the bootstrap it reads against this.
+            let named = kite_oci::Layout::open(&dir)
+                .and_then(|l| l.kite_bootstrap())
+                .with_context(|| format!("{}: the image's manifest", dir.display()))?;
             let req = RegisterRequest {
                 bootstrap: Some(bootstrap),
                 backend: Some(backend),
                 image: None,
                 prefetch: (prefetch && profile.is_file()).then_some(profile),
+                bootstrap_digest: Some(named.digest),
             };
             (req, dir.display().to_string())
         }

@@ -883,3 +883,44 @@ fn a_complete_image_is_remounted_with_direct_io() {
     );
     m.umount();
 }
+
+#[test]
+fn a_directory_image_whose_bootstrap_changed_after_conversion_is_refused() {
+    if !require(
+        "a_directory_image_whose_bootstrap_changed_after_conversion_is_refused",
+        fanotify_path(),
+    ) {
+        return;
+    }
+    let dir = tempdir();
+    let conv = example(dir.path());
+    // One byte of a file name in the metadata: an image that still parses
+    // and validates, but is not the image the manifest names.
+    let boot = conv.join("bootstrap");
+    let mut bytes = std::fs::read(&boot).unwrap();
+    let name = bytes
+        .windows(4)
+        .position(|w| w == b"etc\0" || w == b"usr\0" || w == b"bin\0")
+        .or_else(|| bytes.windows(3).position(|w| w == b"etc"))
+        .expect("a directory name in the example bootstrap");
+    bytes[name] ^= 0x01;
+    std::fs::write(&boot, &bytes).unwrap();
+    let d = Daemon::start(dir.path(), &[]);
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let o = kite(&[
+        "mount",
+        conv.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+        "--socket",
+        d.socket.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success(), "a tampered bootstrap was mounted");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("the image's manifest names sha256:"), "{err}");
+    assert!(
+        err.contains(boot.to_str().unwrap()),
+        "the error names the file: {err}"
+    );
+    assert_eq!(d.status()["images"].as_array().map_or(0, |a| a.len()), 0);
+}
