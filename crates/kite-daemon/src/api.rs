@@ -2,11 +2,19 @@
 //! only), used by `kite mount`, `kite status` and monitoring.
 //!
 //! ```text
-//! GET    /v1/health             {"ok":true,"kernel_path":...}
-//! GET    /v1/images             [ImageStatus...]
-//! POST   /v1/images             RegisterRequest -> RegisterResponse
-//! DELETE /v1/images/<fsid>      204, or 404
+//! GET    /v1/health                  {"ok":true,"kernel_path":...}
+//! GET    /v1/images                  [ImageStatus...]
+//! POST   /v1/images                  RegisterRequest -> RegisterResponse
+//! GET    /v1/images/<fsid>/profile   AccessProfile
+//! POST   /v1/images/<fsid>/prefetch  {"queued":N} (background, whole image)
+//! POST   /v1/images/<fsid>/pull      {"queued":N} (whole image, kept)
+//! POST   /v1/images/<fsid>/mounts    MountNotice
+//! POST   /v1/gc                      GcRequest (optional) -> report
+//! DELETE /v1/images/<fsid>[?force=1] {"removed":fsid}, or 404
 //! ```
+//!
+//! Requests are parsed by [`parse_request`], a pure function (fuzzed in
+//! `fuzz/`), before anything is done.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -390,14 +398,127 @@ pub fn images_status(
         .collect()
 }
 
+/// A control API request, parsed from its method, path, query and body
+/// without any I/O (see [`parse_request`]), so what a caller can send is
+/// tested and fuzzed apart from what the daemon then does.
+pub enum ApiRequest {
+    Health,
+    Images,
+    Register(Box<RegisterRequest>),
+    /// `GET /v1/images/<fsid>/profile`.
+    Profile(String),
+    /// `POST /v1/images/<fsid>/prefetch`: fetch the whole image in the
+    /// background.
+    Prefetch(String),
+    /// `POST /v1/images/<fsid>/pull`: fetch the whole image and keep it.
+    Pull(String),
+    /// `POST /v1/images/<fsid>/mounts`.
+    Mounted {
+        fsid: String,
+        notice: MountNotice,
+    },
+    Gc {
+        grace_secs: u64,
+    },
+    /// `DELETE /v1/images/<fsid>[?force=1]`.
+    Forget {
+        fsid: String,
+        force: bool,
+    },
+}
+
+/// Why a request was refused before anything was done: the status and a
+/// message for the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiReject {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+/// An fsid is the hex sha256 of a bootstrap: 64 lowercase hex digits.
+fn is_fsid(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+}
+
+/// Parse one control API request. Pure: the body is whatever the caller
+/// sent (empty for GET), and nothing here touches the daemon.
+pub fn parse_request(
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<ApiRequest, ApiReject> {
+    let reject = |status: StatusCode, message: String| ApiReject { status, message };
+    let bad_body =
+        |e: serde_json::Error| reject(StatusCode::BAD_REQUEST, format!("bad request body: {e}"));
+    // A malformed image id names no image: the same answer as an unknown one.
+    let fsid = |f: &str| -> Result<String, ApiReject> {
+        if is_fsid(f) {
+            Ok(f.to_string())
+        } else {
+            Err(reject(StatusCode::NOT_FOUND, format!("no image {f:?}")))
+        }
+    };
+    match (method, path) {
+        (&Method::GET, "/v1/health") => Ok(ApiRequest::Health),
+        (&Method::GET, "/v1/images") => Ok(ApiRequest::Images),
+        (&Method::POST, "/v1/images") => serde_json::from_slice::<RegisterRequest>(body)
+            .map(|r| ApiRequest::Register(Box::new(r)))
+            .map_err(bad_body),
+        (&Method::GET, p) if image_route(p, "profile").is_some() => Ok(ApiRequest::Profile(fsid(
+            image_route(p, "profile").unwrap_or_default(),
+        )?)),
+        (&Method::POST, p) if image_route(p, "prefetch").is_some() => Ok(ApiRequest::Prefetch(
+            fsid(image_route(p, "prefetch").unwrap_or_default())?,
+        )),
+        (&Method::POST, p) if image_route(p, "pull").is_some() => Ok(ApiRequest::Pull(fsid(
+            image_route(p, "pull").unwrap_or_default(),
+        )?)),
+        (&Method::POST, p) if image_route(p, "mounts").is_some() => {
+            let fsid = fsid(image_route(p, "mounts").unwrap_or_default())?;
+            let notice = serde_json::from_slice::<MountNotice>(body).map_err(bad_body)?;
+            if !notice.mountpoint.is_absolute() {
+                return Err(reject(
+                    StatusCode::BAD_REQUEST,
+                    format!("{} is not an absolute path", notice.mountpoint.display()),
+                ));
+            }
+            Ok(ApiRequest::Mounted { fsid, notice })
+        }
+        (&Method::POST, "/v1/gc") => {
+            let grace_secs = if body.is_empty() {
+                0
+            } else {
+                serde_json::from_slice::<GcRequest>(body)
+                    .map_err(bad_body)?
+                    .grace_secs
+            };
+            Ok(ApiRequest::Gc { grace_secs })
+        }
+        (&Method::DELETE, p) if p.starts_with("/v1/images/") => Ok(ApiRequest::Forget {
+            fsid: fsid(&p["/v1/images/".len()..])?,
+            force: query == Some("force=1"),
+        }),
+        _ => Err(reject(StatusCode::NOT_FOUND, "no such endpoint".into())),
+    }
+}
+
 async fn handle(
     ctx: Arc<ApiContext>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
     let method = req.method().clone();
-    let resp = match (method, path.as_str()) {
-        (Method::GET, "/v1/health") => {
+    let body = req.into_body().collect().await?.to_bytes();
+    let request = match parse_request(&method, &path, query.as_deref(), &body) {
+        Ok(r) => r,
+        Err(r) => return Ok(error(r.status, &r.message)),
+    };
+    let resp = match request {
+        ApiRequest::Health => {
             let s = &ctx.daemon.stats;
             json(
                 StatusCode::OK,
@@ -430,24 +551,17 @@ async fn handle(
                 },
             )
         }
-        (Method::GET, "/v1/images") => json(
+        ApiRequest::Images => json(
             StatusCode::OK,
             &images_status(&ctx.daemon, ctx.fanotify.as_deref()),
         ),
-        (Method::POST, "/v1/images") => {
-            let body = req.into_body().collect().await?.to_bytes();
-            match serde_json::from_slice::<RegisterRequest>(&body) {
-                Err(e) => error(StatusCode::BAD_REQUEST, &format!("bad request body: {e}")),
-                Ok(r) => match register(Arc::clone(&ctx), r).await {
-                    Ok(resp) => json(StatusCode::OK, &resp),
-                    Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
-                },
-            }
-        }
-        (Method::GET, p) if image_route(p, "profile").is_some() => {
-            let fsid = image_route(p, "profile").unwrap_or_default();
+        ApiRequest::Register(r) => match register(Arc::clone(&ctx), *r).await {
+            Ok(resp) => json(StatusCode::OK, &resp),
+            Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
+        },
+        ApiRequest::Profile(fsid) => {
             let (img, others) = match ctx.daemon.registry.lock() {
-                Ok(r) => (r.image(fsid), r.images()),
+                Ok(r) => (r.image(&fsid), r.images()),
                 Err(_) => (None, Vec::new()),
             };
             match img {
@@ -475,8 +589,7 @@ async fn handle(
                 None => error(StatusCode::NOT_FOUND, &format!("no image {fsid}")),
             }
         }
-        (Method::POST, p) if image_route(p, "prefetch").is_some() => {
-            let fsid = image_route(p, "prefetch").unwrap_or_default().to_string();
+        ApiRequest::Prefetch(fsid) => {
             let img = ctx.daemon.registry.lock().ok().and_then(|r| r.image(&fsid));
             match img {
                 None => error(StatusCode::NOT_FOUND, &format!("no image {fsid}")),
@@ -496,8 +609,7 @@ async fn handle(
                 },
             }
         }
-        (Method::POST, p) if image_route(p, "pull").is_some() => {
-            let fsid = image_route(p, "pull").unwrap_or_default().to_string();
+        ApiRequest::Pull(fsid) => {
             let img = ctx.daemon.registry.lock().ok().and_then(|r| r.image(&fsid));
             match img {
                 None => error(StatusCode::NOT_FOUND, &format!("no image {fsid}")),
@@ -518,18 +630,11 @@ async fn handle(
                 },
             }
         }
-        (Method::POST, p) if image_route(p, "mounts").is_some() => {
-            let fsid = image_route(p, "mounts").unwrap_or_default().to_string();
-            let body = req.into_body().collect().await?.to_bytes();
+        ApiRequest::Mounted { fsid, notice: n } => {
             let img = ctx.daemon.registry.lock().ok().and_then(|r| r.image(&fsid));
-            match (serde_json::from_slice::<MountNotice>(&body), img) {
-                (Err(e), _) => error(StatusCode::BAD_REQUEST, &format!("bad request body: {e}")),
-                (_, None) => error(StatusCode::NOT_FOUND, &format!("no image {fsid}")),
-                (Ok(n), Some(_)) if !n.mountpoint.is_absolute() => error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("{} is not an absolute path", n.mountpoint.display()),
-                ),
-                (Ok(n), Some(img)) => {
+            match img {
+                None => error(StatusCode::NOT_FOUND, &format!("no image {fsid}")),
+                Some(img) => {
                     // A new worker adopting the image knows its mounts.
                     if let Some(mut rec) = crate::adopt::load(&ctx.run_dir, &fsid) {
                         if !rec.mountpoints.contains(&n.mountpoint) {
@@ -550,22 +655,7 @@ async fn handle(
                 }
             }
         }
-        (Method::POST, "/v1/gc") => {
-            let body = req.into_body().collect().await?.to_bytes();
-            let grace = if body.is_empty() {
-                Ok(0)
-            } else {
-                serde_json::from_slice::<GcRequest>(&body).map(|g| g.grace_secs)
-            };
-            let grace = match grace {
-                Ok(g) => g,
-                Err(e) => {
-                    return Ok(error(
-                        StatusCode::BAD_REQUEST,
-                        &format!("bad request body: {e}"),
-                    ))
-                }
-            };
+        ApiRequest::Gc { grace_secs: grace } => {
             let c = Arc::clone(&ctx);
             match tokio::task::spawn_blocking(move || {
                 crate::gc::collect(
@@ -581,9 +671,8 @@ async fn handle(
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("gc: {e}")),
             }
         }
-        (Method::DELETE, p) if p.starts_with("/v1/images/") => {
-            let fsid = &p["/v1/images/".len()..];
-            let force = req.uri().query() == Some("force=1");
+        ApiRequest::Forget { fsid, force } => {
+            let fsid = fsid.as_str();
             let kept = ctx
                 .daemon
                 .registry
@@ -603,7 +692,6 @@ async fn handle(
                 error(StatusCode::NOT_FOUND, &format!("no image {fsid}"))
             }
         }
-        _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
     };
     Ok(resp)
 }
@@ -1300,5 +1388,88 @@ impl Client {
             .call(Method::DELETE, &format!("/v1/images/{fsid}?force=1"), None)
             .await?;
         Self::decode::<serde_json::Value>(s, &b).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FSID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn parse(m: Method, path: &str, body: &[u8]) -> Result<ApiRequest, ApiReject> {
+        parse_request(&m, path, None, body)
+    }
+
+    #[test]
+    fn routes_parse_to_requests() {
+        assert!(matches!(
+            parse(Method::GET, "/v1/health", b""),
+            Ok(ApiRequest::Health)
+        ));
+        let p = format!("/v1/images/{FSID}/profile");
+        assert!(matches!(parse(Method::GET, &p, b""), Ok(ApiRequest::Profile(f)) if f == FSID));
+        let p = format!("/v1/images/{FSID}/mounts");
+        let r = parse(Method::POST, &p, br#"{"mountpoint":"/mnt/x"}"#);
+        assert!(
+            matches!(r, Ok(ApiRequest::Mounted { fsid, notice }) if fsid == FSID && notice.mountpoint == Path::new("/mnt/x"))
+        );
+        let r = parse_request(
+            &Method::DELETE,
+            &format!("/v1/images/{FSID}"),
+            Some("force=1"),
+            b"",
+        );
+        assert!(matches!(r, Ok(ApiRequest::Forget { force: true, .. })));
+        assert!(matches!(
+            parse(Method::POST, "/v1/gc", b""),
+            Ok(ApiRequest::Gc { grace_secs: 0 })
+        ));
+        assert!(matches!(
+            parse(Method::POST, "/v1/gc", br#"{"grace_secs":5}"#),
+            Ok(ApiRequest::Gc { grace_secs: 5 })
+        ));
+    }
+
+    #[test]
+    fn bad_requests_are_refused_with_the_reason() {
+        let status = |r: Result<ApiRequest, ApiReject>| r.err().map(|e| e.status);
+        // Not an fsid: no such image, whatever the route.
+        for p in [
+            "/v1/images/../../etc/profile",
+            "/v1/images/ABC/pull",
+            "/v1/images//mounts",
+        ] {
+            assert!(
+                matches!(
+                    status(parse(Method::POST, p, b"")),
+                    Some(StatusCode::NOT_FOUND)
+                ),
+                "{p}"
+            );
+        }
+        assert_eq!(
+            status(parse(Method::DELETE, "/v1/images/x/../y", b"")),
+            Some(StatusCode::NOT_FOUND)
+        );
+        let p = format!("/v1/images/{FSID}/mounts");
+        let e = parse(Method::POST, &p, br#"{"mountpoint":"rel/dir"}"#)
+            .err()
+            .unwrap();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(
+            e.message.contains("rel/dir is not an absolute path"),
+            "{}",
+            e.message
+        );
+        let e = parse(Method::POST, "/v1/images", b"{not json")
+            .err()
+            .unwrap();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.message.starts_with("bad request body"), "{}", e.message);
+        assert_eq!(
+            status(parse(Method::PUT, "/v1/health", b"")),
+            Some(StatusCode::NOT_FOUND)
+        );
     }
 }

@@ -712,7 +712,7 @@ fn reply(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
 }
 
 /// `/v2/<name>/blobs/<digest>` -> the digest; `None` for anything else.
-fn blob_route(path: &str) -> Option<Result<Digest, ()>> {
+pub fn blob_route(path: &str) -> Option<Result<Digest, ()>> {
     let rest = path.strip_prefix("/v2/")?;
     let (name, digest) = rest.rsplit_once("/blobs/")?;
     let name_ok = !name.is_empty()
@@ -732,7 +732,7 @@ fn blob_route(path: &str) -> Option<Result<Digest, ()>> {
 }
 
 /// `bytes=A-B` (one range, both ends given) -> `A..B+1`.
-fn parse_range(v: &str) -> Option<Range<u64>> {
+pub fn parse_range(v: &str) -> Option<Range<u64>> {
     let (a, b) = v.trim().strip_prefix("bytes=")?.split_once('-')?;
     let (a, b): (u64, u64) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
     let end = b.checked_add(1)?;

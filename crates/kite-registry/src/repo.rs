@@ -824,7 +824,12 @@ pub fn choose_platform<'a>(idx: &'a ImageIndex, want: &Platform) -> Option<&'a D
 }
 
 fn content_range_start(h: &HeaderMap) -> Option<u64> {
-    let v = h.get(reqwest::header::CONTENT_RANGE)?.to_str().ok()?;
+    parse_content_range_start(h.get(reqwest::header::CONTENT_RANGE)?.to_str().ok()?)
+}
+
+/// The first byte of a `Content-Range: bytes A-B/N` value; `None` for
+/// anything else (`bytes */N`, other units, garbage).
+pub fn parse_content_range_start(v: &str) -> Option<u64> {
     let rest = v.strip_prefix("bytes ")?;
     rest.split('-').next()?.trim().parse().ok()
 }
