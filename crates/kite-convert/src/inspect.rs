@@ -108,7 +108,7 @@ pub struct ListEntry {
 }
 
 /// Resolve a chunk index of an inode to (blob index, chunk index).
-fn resolve(
+pub(crate) fn resolve(
     bs: &Bootstrap<'_>,
     blobs: &[BlobView],
     ci: &ChunkIndex,
@@ -207,7 +207,7 @@ pub fn inspect(
     Ok(st)
 }
 
-fn find_blob_file(dir: &Path, digest: &Digest) -> Option<PathBuf> {
+pub(crate) fn find_blob_file(dir: &Path, digest: &Digest) -> Option<PathBuf> {
     let hex = digest.hex();
     [dir.join(&hex), dir.join("blobs").join("sha256").join(&hex)]
         .into_iter()

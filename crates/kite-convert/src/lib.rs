@@ -23,6 +23,7 @@ mod blob;
 mod dirsrc;
 pub mod inspect;
 mod layer;
+pub mod manifest;
 mod output;
 pub mod profile;
 pub mod tarstream;

@@ -3,7 +3,8 @@
 //! per blob, and compare the mounted tree with an independent reference
 //! application of the same layers (tests/tools/refapply.py, Python's
 //! tarfile): every path, type, mode, owner, size, content hash, symlink
-//! target, hardlink identity, rdev, xattrs and mtime.
+//! target, hardlink identity, rdev, xattrs and mtime; and the same tree
+//! read from the bootstrap and blobs without mounting.
 //!
 //! Needs root and file-backed EROFS (Linux >= 6.12 with
 //! EROFS_FS_BACKED_BY_FILE); skipped loudly elsewhere, a failure in CI.
@@ -21,6 +22,18 @@ fn compare_mounted(test: &str, image_ref: &str, convert_args: &[&str], dir: &Pat
         .unwrap_or_else(|e| panic!("{test}: {e}"));
     assert_tree_matches_reference(test, &m.dir, image_ref, dir);
     drop(m);
+    // Tests without root read the tree from the bootstrap and blobs
+    // instead (kite_convert::manifest): it must be what the kernel shows.
+    let bootstrap = std::fs::read(conv.join("bootstrap")).unwrap();
+    let read = kite_convert::manifest::tree_manifest(&bootstrap, &conv)
+        .unwrap_or_else(|e| panic!("{test}: reading the tree back: {e}"));
+    let read_json = dir.join("read.json");
+    std::fs::write(&read_json, serde_json::to_vec(&read).unwrap()).unwrap();
+    let mounted_json = dir.join("mounted.json");
+    py(
+        "manifestdiff.py",
+        &[mounted_json.to_str().unwrap(), read_json.to_str().unwrap()],
+    );
     kite_ok(&[
         "inspect",
         conv.join("bootstrap").to_str().unwrap(),
