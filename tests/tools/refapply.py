@@ -16,9 +16,12 @@ Semantics (per layer, in order):
   diff_id (sha256 of the uncompressed tar; one per layer). The config's
   media type must be an OCI or Docker image config.
 - Whiteouts ``.wh.NAME`` and opaque markers ``.wh..wh..opq`` apply to the
-  lower layers only: they are collected over the whole layer and applied
-  before its other entries, so entries of the same layer stay whatever their
-  order in the tar.
+  lower layers only: they are collected over the whole layer, each resolved
+  against the tree the lower layers left, and applied before the layer's
+  other entries, so neither their order in the tar nor the entries' matters.
+  A marker in a missing directory or a non-directory hides nothing; one
+  whose directory path goes through a symlink is refused. Markers create
+  nothing.
 - A non-directory replacing a directory removes its subtree; a directory
   entry over a directory replaces its metadata (mode, owner, mtime, xattrs)
   and keeps its children; anything else replaces the old node (so a name
@@ -148,7 +151,7 @@ class _Reader:
 
 def apply_layer(root: Node, stream, label: str) -> None:
     """Apply one uncompressed tar stream to the tree rooted at ``root``."""
-    whiteouts, opaques, entries = [], [], []
+    markers, entries = [], []  # markers: (tar name, directory parts, NAME or None)
     name = None
     try:
         tf = tarfile.open(fileobj=stream, mode="r|")
@@ -157,12 +160,12 @@ def apply_layer(root: Node, stream, label: str) -> None:
             parts = split_path(m.name)
             base = parts[-1] if parts else ""
             if base == ".wh..wh..opq":
-                opaques.append(parts[:-1])
+                markers.append((m.name, parts[:-1], None))
                 continue
             if base.startswith(".wh."):
                 if base[4:] in ("", ".", ".."):
                     raise ApplyError(f"whiteout {base!r} names {base[4:]!r}, which is not an entry")
-                whiteouts.append(parts[:-1] + [base[4:]])
+                markers.append((m.name, parts[:-1], base[4:]))
                 continue
             sha = None
             if m.isreg():
@@ -182,14 +185,19 @@ def apply_layer(root: Node, stream, label: str) -> None:
         where = f"entry {name!r}" if name is not None else "tar stream"
         raise ApplyError(f"{label}: {where}: {type(e).__name__}: {e}") from None
 
-    for parts in opaques:
-        d = walk(root, parts, create=False)
+    hidden = []
+    for mname, parts, victim in markers:
+        try:
+            d = walk(root, parts, create=False)
+        except ApplyError as e:
+            raise ApplyError(f"{label}: entry {mname!r}: {e}") from None
         if d is not None:
+            hidden.append((d, victim))
+    for d, victim in hidden:
+        if victim is None:
             d.children.clear()
-    for parts in whiteouts:
-        d = walk(root, parts[:-1], create=False)
-        if d is not None:
-            d.children.pop(parts[-1], None)
+        else:
+            d.children.pop(victim, None)
     for m, parts, sha in entries:
         try:
             _apply_entry(root, m, parts, sha)

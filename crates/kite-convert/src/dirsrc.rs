@@ -58,6 +58,9 @@ pub(crate) fn apply_dir(
         // Visit subdirectories in name order (the stack pops the last first).
         stack.extend(subdirs.into_iter().rev());
     }
+    if let Err((name, e)) = app.finish() {
+        finish(Err(EntryError::Bad(e.0)), &label, &name)?;
+    }
     Ok(app.file_bytes - before)
 }
 

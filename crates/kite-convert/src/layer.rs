@@ -14,7 +14,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::blob::BlobBuilder;
 use crate::tarstream::{kind, TarEntry, TarReader};
-use crate::tree::{split_path, MergedTree, TreeError};
+use crate::tree::{split_path, Components, Hide, MergedTree, TreeError};
 use crate::{ConvertError, Interrupt, Progress};
 
 /// What an entry is, independent of where it came from (tar or directory).
@@ -46,7 +46,30 @@ impl From<TreeError> for EntryError {
     }
 }
 
+/// What of the layer being read reaches the tree only at the layer's end
+/// (see [`Applier::finish`]), each with its tar name for errors.
+#[derive(Default)]
+pub(crate) struct Deferred {
+    markers: Vec<(Vec<u8>, Hide)>,
+    /// Entries other than markers, in tar order; their file data is
+    /// already chunked.
+    entries: Vec<(Vec<u8>, Components, DeferredNode)>,
+}
+
+enum DeferredNode {
+    Node(Metadata, NodeKind),
+    Hardlink(Components),
+}
+
 /// Applies entries of one layer to the tree and its blob.
+///
+/// Entries reach the tree at [`Applier::finish`], when the whole layer has
+/// been read: first all its whiteouts and opaque markers, then the other
+/// entries in tar order. The OCI spec applies a layer's whiteouts before
+/// its other entries "regardless of the ordering" in the tar, so a marker
+/// read after entries of its own layer (`d/x` then `.wh.d`, or `a/b/` then
+/// `a/.wh..wh..opq`) still hides only what lower layers put there, and a
+/// hard link never names a file its own layer whites out.
 pub(crate) struct Applier<'a> {
     pub tree: &'a mut MergedTree,
     pub blob: &'a mut BlobBuilder,
@@ -61,6 +84,8 @@ pub(crate) struct Applier<'a> {
     pub file_bytes: u64,
     /// Checked at every entry and chunk.
     pub interrupt: &'a Interrupt,
+    /// This layer's entries so far.
+    pub deferred: Deferred,
 }
 
 impl Applier<'_> {
@@ -76,10 +101,11 @@ impl Applier<'_> {
         if let Some(last) = comps.last() {
             if let Some(target) = last.strip_prefix(b".wh.") {
                 let parent = &comps[..comps.len() - 1];
-                if last == b".wh..wh..opq" {
-                    self.tree.opaque(parent, self.layer)?;
+                let hide = if last == b".wh..wh..opq" {
+                    Hide::Children(parent.to_vec())
                 } else if target.starts_with(b".wh.") {
                     // Other AUFS metadata (.wh..wh.plnk etc.): not content.
+                    return Ok(());
                 } else if target.is_empty() {
                     return Err(EntryError::Bad("empty whiteout name".into()));
                 } else if target == b"." || target == b".." {
@@ -91,8 +117,9 @@ impl Applier<'_> {
                 } else {
                     let mut victim = parent.to_vec();
                     victim.push(target.to_vec());
-                    self.tree.whiteout(&victim, self.layer)?;
-                }
+                    Hide::Entry(victim)
+                };
+                self.deferred.markers.push((raw_path.to_vec(), hide));
                 return Ok(());
             }
         }
@@ -101,7 +128,9 @@ impl Applier<'_> {
                 let t = split_path(&target).map_err(|e| {
                     EntryError::Bad(format!("hardlink target {:?}: {}", lossy(&target), e.0))
                 })?;
-                self.tree.hardlink(&comps, &t, self.layer)?;
+                self.deferred
+                    .entries
+                    .push((raw_path.to_vec(), comps, DeferredNode::Hardlink(t)));
                 return Ok(());
             }
             EntryKind::File => NodeKind::File(self.read_file(data)?),
@@ -135,7 +164,27 @@ impl Applier<'_> {
                 )));
             }
         }
-        self.tree.insert(&comps, meta, node, self.layer)?;
+        self.deferred
+            .entries
+            .push((raw_path.to_vec(), comps, DeferredNode::Node(meta, node)));
+        Ok(())
+    }
+
+    /// Apply the layer read so far: its markers, then its other entries
+    /// in tar order. An error comes with the culprit's tar path.
+    pub fn finish(&mut self) -> Result<(), (Vec<u8>, TreeError)> {
+        let Deferred { markers, entries } = std::mem::take(&mut self.deferred);
+        let (names, hides): (Vec<_>, Vec<_>) = markers.into_iter().unzip();
+        self.tree
+            .hide(&hides, self.layer)
+            .map_err(|(i, e)| (names[i].clone(), e))?;
+        for (name, comps, node) in entries {
+            let r = match node {
+                DeferredNode::Node(meta, node) => self.tree.insert(&comps, meta, node, self.layer),
+                DeferredNode::Hardlink(target) => self.tree.hardlink(&comps, &target, self.layer),
+            };
+            r.map_err(|e| (name, e))?;
+        }
         Ok(())
     }
 
@@ -360,6 +409,12 @@ pub(crate) fn apply_tar_layer(
             actual: diff_id,
         });
     }
+    // The whole layer is read and verified: apply it to the tree.
+    app.finish().map_err(|(name, e)| ConvertError::Entry {
+        layer: label.clone(),
+        entry: lossy(&name),
+        why: e.0,
+    })?;
     Ok(tar_bytes)
 }
 

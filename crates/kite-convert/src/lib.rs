@@ -485,6 +485,7 @@ fn run(
             files: 0,
             file_bytes: 0,
             interrupt: &opts.interrupt,
+            deferred: Default::default(),
         };
         let (label, source_layer) = match l {
             L::Tar {

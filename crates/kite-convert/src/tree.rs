@@ -3,11 +3,14 @@
 //! Layers are applied in order with OCI semantics: an entry replaces what
 //! was at its path (a directory over a directory only updates metadata and
 //! keeps the children), `.wh.NAME` deletes NAME from lower layers, and
-//! `.wh..wh..opq` clears a directory's lower-layer children. Every directory
-//! entry remembers the layer that last wrote it, which is what "lower" means
-//! for whiteouts within one layer's stream. Paths are resolved inside the
-//! tree only (nothing touches the host filesystem); an entry that would be
-//! written through a symlink is refused.
+//! `.wh..wh..opq` clears a directory's lower-layer children. As the spec
+//! says, a layer's markers apply before its other entries, whatever their
+//! order in the tar: the layer applier hands the tree all markers of a
+//! layer at once ([`MergedTree::hide`]), then the entries. Every directory
+//! entry also remembers the layer that last wrote it, so a marker never
+//! hides an entry of its own layer. Paths are resolved inside the tree only
+//! (nothing touches the host filesystem); an entry that would be written
+//! through a symlink is refused.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -48,6 +51,15 @@ impl Default for MergedTree {
 
 /// A validated path: components with no `.`/`..`/empty parts.
 pub type Components = Vec<Vec<u8>>;
+
+/// What a whiteout marker hides (see [`MergedTree::hide`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hide {
+    /// `.wh.NAME`: the entry at this path.
+    Entry(Components),
+    /// `.wh..wh..opq`: every child of this directory.
+    Children(Components),
+}
 
 /// Normalise a tar path into components. Rejects absolute paths, `..`,
 /// NUL bytes and over-long names; strips `./` and trailing slashes. The empty
@@ -233,34 +245,77 @@ impl MergedTree {
         Ok(())
     }
 
-    /// `.wh.NAME`: delete NAME if it came from a lower layer.
-    pub fn whiteout(&mut self, comps: &[Vec<u8>], layer: u32) -> Result<(), TreeError> {
-        let Some(name) = comps.last() else {
-            return Err(TreeError("whiteout of the root".into()));
-        };
-        let Some(parent) = self.parent_dir(comps, layer, false)? else {
-            return Ok(());
-        };
-        let children = self.children_mut(parent);
-        if children.get(name).is_some_and(|c| c.layer < layer) {
-            children.remove(name);
+    /// The directory at `comps` if there is one, for a whiteout marker.
+    /// Nothing is created; a missing path or a non-directory is `None`, but
+    /// a path through a symlink is refused, as for every other entry.
+    fn existing_dir(&self, comps: &[Vec<u8>]) -> Result<Option<NodeId>, TreeError> {
+        let mut cur = 0;
+        for (depth, name) in comps.iter().enumerate() {
+            let Kind::Dir(children) = &self.nodes[cur].kind else {
+                return Ok(None);
+            };
+            let Some(child) = children.get(name) else {
+                return Ok(None);
+            };
+            if let Kind::Other(NodeKind::Symlink(_)) = self.nodes[child.id].kind {
+                return Err(TreeError(format!(
+                    "{:?} is a symlink: refusing a whiteout through it",
+                    show(&comps[..=depth])
+                )));
+            }
+            cur = child.id;
+        }
+        Ok(matches!(self.nodes[cur].kind, Kind::Dir(_)).then_some(cur))
+    }
+
+    /// Apply one layer's whiteouts and opaque markers. Every marker is
+    /// resolved against the tree as it is on entry (what the lower layers
+    /// left) before any is applied, so their order in the tar does not
+    /// matter: a marker whose directory is missing or not a directory
+    /// hides nothing, and one whose directory path goes through a symlink
+    /// is refused (`Err` has its index) even if another marker of the
+    /// layer hides that symlink. Only entries of layers below `layer` are
+    /// hidden. Markers create nothing: a layer that re-creates what it
+    /// hides does so with its own entries, applied after this.
+    pub fn hide(&mut self, markers: &[Hide], layer: u32) -> Result<(), (usize, TreeError)> {
+        let mut resolved = Vec::with_capacity(markers.len());
+        for (i, m) in markers.iter().enumerate() {
+            let dir = match m {
+                Hide::Entry(comps) => match comps.split_last() {
+                    Some((_, parent)) => parent,
+                    None => return Err((i, TreeError("whiteout of the root".into()))),
+                },
+                Hide::Children(dir) => &dir[..],
+            };
+            if let Some(id) = self.existing_dir(dir).map_err(|e| (i, e))? {
+                resolved.push((id, m));
+            }
+        }
+        for (id, m) in resolved {
+            let children = self.children_mut(id);
+            match m {
+                Hide::Entry(comps) => {
+                    let name = comps.last().expect("checked above");
+                    if children.get(name).is_some_and(|c| c.layer < layer) {
+                        children.remove(name);
+                    }
+                }
+                Hide::Children(_) => children.retain(|_, c| c.layer >= layer),
+            }
         }
         Ok(())
     }
 
-    /// `.wh..wh..opq` in directory `dir`: drop its lower-layer children.
+    /// `.wh.NAME` alone: [`MergedTree::hide`] of one entry.
+    pub fn whiteout(&mut self, comps: &[Vec<u8>], layer: u32) -> Result<(), TreeError> {
+        self.hide(&[Hide::Entry(comps.to_vec())], layer)
+            .map_err(|(_, e)| e)
+    }
+
+    /// `.wh..wh..opq` in `dir` alone: [`MergedTree::hide`] of its children.
     pub fn opaque(&mut self, dir: &[Vec<u8>], layer: u32) -> Result<(), TreeError> {
-        let id = if dir.is_empty() {
-            0
-        } else {
-            // The marker implies the directory exists in this layer.
-            let mut probe = dir.to_vec();
-            probe.push(b"x".to_vec());
-            self.parent_dir(&probe, layer, true)?
-                .expect("parents are created")
-        };
-        self.children_mut(id).retain(|_, c| c.layer == layer);
-        Ok(())
+        self.hide(&[Hide::Children(dir.to_vec())], layer)
+            .map_err(|(_, e)| e)
     }
 
     /// Turn the reachable part of the tree into the EROFS writer's form.

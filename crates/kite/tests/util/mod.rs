@@ -11,6 +11,7 @@
 pub mod containerd;
 pub mod cri;
 pub mod daemon;
+pub mod ocilayout;
 pub mod registry;
 
 use std::collections::BTreeMap;
