@@ -103,7 +103,14 @@ pub fn check_with(
         }
         used.push((start, start + len, "device table".into()));
     }
+    let devt = sb.devt_slotoff as usize * DEVICE_SLOT_SIZE;
     for (i, d) in devices.iter().enumerate() {
+        // Past tag, blocks and mapped address: fields newer kernels read
+        // (the high halves of 48-bit block numbers) and reserved bytes.
+        let slot = &data[devt + i * DEVICE_SLOT_SIZE..devt + (i + 1) * DEVICE_SLOT_SIZE];
+        if slot[72..].iter().any(|&b| b != 0) {
+            return Err(corrupt(format!("device slot {i}: reserved bytes are set")));
+        }
         if d.mapped_blkaddr != 0 || d.blocks == 0 {
             return Err(corrupt(format!(
                 "device slot {i}: {} blocks mapped at {} (kite writes unmapped, non-empty devices)",
@@ -151,6 +158,22 @@ pub fn check_with(
         report.inodes += 1;
 
         let pos = meta + nid * 32;
+        // Reserved fields are zero, as kite writes them: newer kernels give
+        // some a meaning (an extended inode's bytes 6-7 are the high half
+        // of a 48-bit start block on 6.15+, which turned a valid-looking
+        // directory into EIO in the mutation campaign).
+        let raw_inode = &data[pos as usize..pos as usize + raw.disk_size()];
+        let reserved: &[std::ops::Range<usize>] = if raw.extended {
+            &[6..8, 48..64]
+        } else {
+            &[12..16, 28..32]
+        };
+        if reserved
+            .iter()
+            .any(|r| raw_inode[r.clone()].iter().any(|&b| b != 0))
+        {
+            return Err(corrupt(format!("nid {nid}: reserved inode fields are set")));
+        }
         let head = raw.disk_size() as u64 + xattr_ibody_size(raw.xattr_icount) as u64;
         if raw.xattr_icount == 1 {
             return Err(corrupt(format!(
@@ -262,6 +285,7 @@ pub fn check_with(
             FT_DIR => {
                 report.directories += 1;
                 let entries = img.dir_entries(&inode)?;
+                check_dir_blocks(img, &inode, &img.flat_data(&inode)?)?;
                 let (mut dot, mut dotdot) = (false, false);
                 for e in &entries {
                     match e.name.as_slice() {
@@ -314,6 +338,37 @@ pub fn check_with(
         }
     }
     Ok(report)
+}
+
+/// What the reader's entry list does not show of a directory's blocks:
+/// each dirent's reserved byte is zero, and a plain directory's last block
+/// is zero past the directory's size. The kernel's lookup reads the last
+/// name of a block up to a NUL or the block's end, past `i_size`, where
+/// readdir stops at `i_size`: a byte there makes a listed name impossible
+/// to look up (ENOENT in the mutation campaign).
+fn check_dir_blocks(img: &Image<'_>, inode: &Inode, bytes: &[u8]) -> Result<(), ErofsError> {
+    let nid = inode.nid;
+    for (bi, block) in bytes.chunks(BLOCK_SIZE).enumerate() {
+        let count = le16(block, 8) as usize / DIRENT_SIZE;
+        if (0..count).any(|i| block[i * DIRENT_SIZE + 11] != 0) {
+            return Err(corrupt(format!(
+                "dir nid {nid} block {bi}: reserved dirent byte set"
+            )));
+        }
+    }
+    let tail = inode.raw.size % BLOCK_SIZE as u64;
+    if inode.raw.layout == LAYOUT_FLAT_PLAIN && tail != 0 {
+        let end = inode.raw.i_u as u64 * BLOCK_SIZE as u64 + inode.raw.size;
+        let slack = img
+            .data()
+            .get(end as usize..align_up(end, BLOCK_SIZE as u64) as usize);
+        if !slack.is_some_and(|s| s.iter().all(|&b| b == 0)) {
+            return Err(corrupt(format!(
+                "dir nid {nid}: bytes past its size in its last block are not zero"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// [`check_with`], without looking at the chunks.
@@ -508,6 +563,62 @@ mod tests {
             }
         }
         assert!(accepted > 0, "some flips (names, times) are harmless");
+    }
+
+    /// A root with enough entries for a plain directory of two blocks.
+    fn big_dir() -> Vec<u8> {
+        let meta = Metadata {
+            perm: 0o644,
+            ..Default::default()
+        };
+        let mut nodes = vec![Node {
+            meta: meta.clone(),
+            kind: NodeKind::Dir(
+                (1..=300)
+                    .map(|i| (format!("entry-{i:04}-xxxxxxxx").into_bytes(), i))
+                    .collect(),
+            ),
+        }];
+        for i in 1..=300 {
+            nodes.push(Node {
+                meta: meta.clone(),
+                kind: NodeKind::File(FileData::Inline(vec![i as u8])),
+            });
+        }
+        write_image(&Tree { nodes }, &[], &ImageOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn a_byte_past_a_directorys_size_in_its_last_block_is_refused() {
+        // Found by the mutation campaign: the kernel's lookup reads the
+        // last name of a block up to a NUL, past i_size; readdir does not.
+        let data = big_dir();
+        let img = Image::open(&data).unwrap();
+        let root = img.inode(img.root_nid()).unwrap();
+        assert_eq!(root.raw.layout, LAYOUT_FLAT_PLAIN);
+        assert_ne!(root.raw.size % BLOCK_SIZE as u64, 0);
+        check(&img).unwrap();
+        let past = (root.raw.i_u as u64 * BLOCK_SIZE as u64 + root.raw.size) as usize;
+        let mut d = data.clone();
+        d[past] = b'z';
+        let e = check(&Image::open(&d).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("past its size"), "{e}");
+    }
+
+    #[test]
+    fn reserved_inode_fields_are_refused() {
+        // Found by the mutation campaign: bytes 6-7 of an extended inode
+        // are the high half of its start block on Linux 6.15+ (EIO).
+        let data = sample();
+        let img = Image::open(&data).unwrap();
+        let root = img.inode(img.root_nid()).unwrap();
+        let at =
+            (img.superblock().meta_blkaddr as u64 * BLOCK_SIZE as u64 + root.nid * 32) as usize;
+        let reserved = if root.raw.extended { at + 6 } else { at + 12 };
+        let mut d = data.clone();
+        d[reserved] = 0xff;
+        let e = check(&Image::open(&d).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("reserved inode fields"), "{e}");
     }
 
     #[test]
