@@ -648,10 +648,18 @@ async fn close_stops_the_prefetch_and_the_next_open_finishes_it() {
     b.delay = Duration::from_millis(300);
     let (_, kernel, backend) = setup_profiled(&f, b, 0, &even);
     let first = open(&kernel, 1, 1, &f.blob.hex());
-    settle().await;
     // 32 requests in flight (the prefetcher's most for small runs), eight
     // waiting for a slot; the kernel closes the object meanwhile: the
-    // eight are never sent to it.
+    // eight are never sent to it. Waited for rather than slept on, so a
+    // loaded machine cannot close the object before the 32 are sent.
+    let t = std::time::Instant::now();
+    while backend.calls.load(Ordering::SeqCst) < 32 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the prefetch never filled its slots"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     kernel.push(Request::Close {
         msg_id: 2,
         object_id: 1,
