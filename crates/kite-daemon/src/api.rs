@@ -435,6 +435,10 @@ pub struct ApiReject {
     pub message: String,
 }
 
+/// The largest control API request body read (the documents are a few
+/// hundred bytes).
+pub const MAX_REQUEST_BODY: usize = 1 << 20;
+
 /// An fsid is the hex sha256 of a bootstrap: 64 lowercase hex digits.
 fn is_fsid(s: &str) -> bool {
     s.len() == 64
@@ -512,7 +516,20 @@ async fn handle(
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
     let method = req.method().clone();
-    let body = req.into_body().collect().await?.to_bytes();
+    // Requests are small JSON documents; a body past the bound is refused
+    // before it is held in memory.
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_REQUEST_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return Ok(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("request body: {e} (at most {MAX_REQUEST_BODY} bytes)"),
+            ))
+        }
+    };
     let request = match parse_request(&method, &path, query.as_deref(), &body) {
         Ok(r) => r,
         Err(r) => return Ok(error(r.status, &r.message)),

@@ -123,12 +123,25 @@ pub fn check_with(
     // nid -> its file type, for inodes already checked
     let mut seen: HashMap<u64, u8> = HashMap::new();
     let root = img.root_nid();
-    // (nid, parent nid, expected file type, depth)
-    let mut stack: Vec<(u64, u64, u8, usize)> = vec![(root, root, FT_DIR, 0)];
-    while let Some((nid, parent, want_type, depth)) = stack.pop() {
-        if depth > 4096 {
-            return Err(corrupt("directory nesting deeper than 4096".into()));
-        }
+    // Bytes of data and chunk indexes the check may still read. A well
+    // formed image holds each byte in one structure, so reading more than
+    // the image holds means structures share bytes: refused before a
+    // crafted image (many symlinks or directories over one huge block
+    // range) can make the check copy the same bytes without end. Every
+    // overlap is also named by the final overlap check.
+    let mut budget = end;
+    let mut spend = |nid: u64, bytes: u64| -> Result<(), ErofsError> {
+        budget = budget.checked_sub(bytes).ok_or_else(|| {
+            corrupt(format!(
+                "nid {nid}: the image's structures share bytes (more data than the image holds)"
+            ))
+        })?;
+        Ok(())
+    };
+    // (nid, parent nid, expected file type). No depth limit: the walk
+    // keeps its own stack, and every directory is visited once.
+    let mut stack: Vec<(u64, u64, u8)> = vec![(root, root, FT_DIR)];
+    while let Some((nid, parent, want_type)) = stack.pop() {
         if let Some(&prev) = seen.get(&nid) {
             if prev == FT_DIR || want_type == FT_DIR {
                 return Err(corrupt(format!(
@@ -231,6 +244,9 @@ pub fn check_with(
                         raw.size
                     )));
                 }
+                // The count the size implies, paid for before it is read.
+                let count = raw.size.div_ceil(1u64 << bits);
+                spend(nid, count.saturating_mul(CHUNK_INDEX_SIZE as u64))?;
                 let idx = img.chunk_indexes(&inode)?;
                 let idx_start = align_up(pos + head, 8);
                 meta_len = idx_start - pos + (idx.len() * CHUNK_INDEX_SIZE) as u64;
@@ -253,17 +269,18 @@ pub fn check_with(
                 )))
             }
         }
-        // Inode, xattrs and inline tail stay in one block, as the kernel
-        // needs for inline data and kite always writes.
-        let fixed = head
-            + if raw.layout == LAYOUT_FLAT_INLINE {
-                raw.size
-            } else {
-                0
-            };
-        if pos % bs + fixed > bs {
+        // The inode stays in its block, and so does inline data (the
+        // kernel refuses inline data that crosses one); the xattrs between
+        // them may span blocks when they are larger than a block (the
+        // kernel reads them entry by entry), as the writer then makes them.
+        if pos % bs + raw.disk_size() as u64 > bs {
             return Err(corrupt(format!(
-                "nid {nid}: inode, xattrs and inline data cross a block boundary"
+                "nid {nid}: the inode crosses a block boundary"
+            )));
+        }
+        if raw.layout == LAYOUT_FLAT_INLINE && (pos + head) % bs + raw.size > bs {
+            return Err(corrupt(format!(
+                "nid {nid}: inline data crosses a block boundary"
             )));
         }
         if pos + meta_len > end {
@@ -275,6 +292,14 @@ pub fn check_with(
 
         match ft {
             FT_SYMLINK => {
+                // The writer's limit, checked before anything is read.
+                if raw.size == 0 || raw.size >= bs {
+                    return Err(corrupt(format!(
+                        "nid {nid}: symlink target of {} bytes",
+                        raw.size
+                    )));
+                }
+                spend(nid, raw.size)?;
                 let target = img.flat_data(&inode)?;
                 if target.contains(&0) {
                     return Err(corrupt(format!(
@@ -284,6 +309,7 @@ pub fn check_with(
             }
             FT_DIR => {
                 report.directories += 1;
+                spend(nid, raw.size)?;
                 let entries = img.dir_entries(&inode)?;
                 check_dir_blocks(img, &inode, &img.flat_data(&inode)?)?;
                 let (mut dot, mut dotdot) = (false, false);
@@ -319,7 +345,7 @@ pub fn check_with(
                                 });
                             }
                             report.entries += 1;
-                            stack.push((e.nid, nid, e.file_type, depth + 1));
+                            stack.push((e.nid, nid, e.file_type));
                         }
                     }
                 }
@@ -619,6 +645,94 @@ mod tests {
         d[reserved] = 0xff;
         let e = check(&Image::open(&d).unwrap()).unwrap_err().to_string();
         assert!(e.contains("reserved inode fields"), "{e}");
+    }
+
+    #[test]
+    fn what_the_writer_makes_at_its_limits_passes() {
+        // Found in review: an xattr area larger than a block (the writer
+        // starts the inode at a block and lets the xattrs span), and a tree
+        // deeper than the reader's walk limit, both written by the writer.
+        let mut nodes = vec![Node {
+            meta: Metadata {
+                perm: 0o755,
+                ..Default::default()
+            },
+            kind: NodeKind::Dir(vec![(b"big-xattr".to_vec(), 1), (b"d".to_vec(), 2)]),
+        }];
+        nodes.push(Node {
+            meta: Metadata {
+                perm: 0o644,
+                xattrs: vec![(b"user.big".to_vec(), vec![7u8; 6000])],
+                ..Default::default()
+            },
+            kind: NodeKind::File(FileData::Inline(b"small tail".to_vec())),
+        });
+        let depth = 5000;
+        for i in 0..depth {
+            let next = nodes.len() + 1;
+            nodes.push(Node {
+                meta: Metadata {
+                    perm: 0o755,
+                    ..Default::default()
+                },
+                kind: NodeKind::Dir(if i + 1 < depth {
+                    vec![(b"d".to_vec(), next)]
+                } else {
+                    Vec::new()
+                }),
+            });
+        }
+        let data = write_image(&Tree { nodes }, &[], &ImageOptions::default()).unwrap();
+        let r = check(&Image::open(&data).unwrap()).unwrap();
+        assert_eq!(r.directories, 1 + depth as u64);
+        assert_eq!(r.xattrs, 1);
+    }
+
+    #[test]
+    fn symlinks_sharing_one_data_range_are_refused_before_they_are_read_again() {
+        // Found in review: N inodes pointing at one large plain range would
+        // make the check copy it N times. Point every symlink of a tree at
+        // the first one's target block: refused (by the read budget or the
+        // overlap check), never read over and over.
+        let meta = |perm| Metadata {
+            perm,
+            ..Default::default()
+        };
+        let target = vec![b'a'; 4090];
+        let mut nodes = vec![Node {
+            meta: meta(0o755),
+            kind: NodeKind::Dir(
+                (1..=40)
+                    .map(|i| (format!("l{i:02}").into_bytes(), i))
+                    .collect(),
+            ),
+        }];
+        for _ in 1..=40 {
+            nodes.push(Node {
+                meta: meta(0o777),
+                kind: NodeKind::Symlink(target.clone()),
+            });
+        }
+        let mut data = write_image(&Tree { nodes }, &[], &ImageOptions::default()).unwrap();
+        let img = Image::open(&data).unwrap();
+        check(&img).unwrap();
+        let root = img.inode(img.root_nid()).unwrap();
+        let links: Vec<u64> = img
+            .dir_entries(&root)
+            .unwrap()
+            .iter()
+            .skip(2)
+            .map(|e| e.nid)
+            .collect();
+        let first = img.inode(links[0]).unwrap();
+        assert_eq!(first.raw.layout, LAYOUT_FLAT_PLAIN);
+        let meta_at = img.superblock().meta_blkaddr as usize * BLOCK_SIZE;
+        for nid in &links[1..] {
+            let at = meta_at + *nid as usize * 32 + 16;
+            data[at..at + 4].copy_from_slice(&first.raw.i_u.to_le_bytes());
+        }
+        let e = check(&Image::open(&data).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("share bytes") || e.contains("overlaps"), "{e}");
     }
 
     #[test]

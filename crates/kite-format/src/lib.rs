@@ -407,8 +407,12 @@ impl<'a> Bootstrap<'a> {
                 }
                 // The EROFS check put device_id in 1..=devices, and parse()
                 // matched the devices with the blob table one to one.
-                let Some(blob) = blobs.get(ci.device_id as usize - 1) else {
-                    continue;
+                let Some(blob) = (ci.device_id as usize)
+                    .checked_sub(1)
+                    .and_then(|d| blobs.get(d))
+                else {
+                    bad = Some(format!("nid {nid} chunk {i}: device {}", ci.device_id));
+                    return Err(kite_erofs::ErofsError::Corrupt("device".into()));
                 };
                 let start = ci.blkaddr as u64 * 4096;
                 let len = chunk.min(inode.raw.size - i as u64 * chunk);
