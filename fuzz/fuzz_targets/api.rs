@@ -1,4 +1,5 @@
-//! The control API's request parsing: method, path, query and body.
+//! The control API's request parsing: method, path, query and body. An
+//! accepted request names a well-formed image id and came with its method.
 #![no_main]
 
 use hyper::Method;
@@ -27,5 +28,22 @@ fuzz_target!(|data: &[u8]| {
         }
         None => (None, rest),
     };
-    let _ = kite_daemon::api::parse_request(&method, &path, query.as_deref(), body);
+    use kite_daemon::api::ApiRequest;
+    let is_fsid = |f: &str| {
+        f.len() == 64
+            && f.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    };
+    match kite_daemon::api::parse_request(&method, &path, query.as_deref(), body) {
+        Ok(ApiRequest::Profile(f) | ApiRequest::Prefetch(f) | ApiRequest::Pull(f)) => {
+            assert!(is_fsid(&f))
+        }
+        Ok(ApiRequest::Mounted { fsid, notice }) => {
+            assert!(is_fsid(&fsid) && notice.mountpoint.is_absolute() && method == Method::POST)
+        }
+        Ok(ApiRequest::Forget { fsid, .. }) => assert!(is_fsid(&fsid) && method == Method::DELETE),
+        Ok(ApiRequest::Register(_) | ApiRequest::Gc { .. }) => assert_eq!(method, Method::POST),
+        Ok(ApiRequest::Health | ApiRequest::Images) => assert_eq!(method, Method::GET),
+        Err(r) => assert!(r.status.is_client_error()),
+    }
 });
