@@ -248,7 +248,10 @@ impl<'a> Index<'a> {
         let mut next = 0usize;
         for i in 0..blob_count {
             let b = idx.blob(i);
-            if b.first_chunk != next || b.first_chunk + b.chunk_count > chunk_count {
+            // Checked sums throughout: offsets near u64::MAX must not wrap
+            // past these checks (found by the index fuzz target).
+            let end = b.first_chunk.checked_add(b.chunk_count);
+            if b.first_chunk != next || end.is_none_or(|e| e > chunk_count) {
                 return Err(bad(format!("blob {i}: chunk range out of order")));
             }
             next += b.chunk_count;
@@ -256,19 +259,23 @@ impl<'a> Index<'a> {
             let mut cend = 0u64;
             for c in 0..b.chunk_count {
                 let r = idx.chunk(&b, c);
+                let r_uend = r
+                    .uncompressed_offset
+                    .checked_add(crate::align4k(r.uncompressed_size as u64));
+                let r_cend = r.compressed_offset.checked_add(r.compressed_size as u64);
                 let ok = r.uncompressed_offset.is_multiple_of(4096)
                     && r.uncompressed_offset >= uend
                     && r.compressed_offset >= cend
                     && r.uncompressed_size > 0
                     && r.uncompressed_size <= chunk_size
-                    && r.uncompressed_end() <= b.record.uncompressed_size
-                    && r.compressed_offset + r.compressed_size as u64 <= b.record.compressed_size
+                    && r_uend.is_some_and(|e| e <= b.record.uncompressed_size)
+                    && r_cend.is_some_and(|e| e <= b.record.compressed_size)
                     && r.flags & !CHUNK_FLAG_ZSTD == 0;
-                if !ok {
+                let (Some(u), Some(ce), true) = (r_uend, r_cend, ok) else {
                     return Err(bad(format!("blob {i} chunk {c}: bad extent")));
-                }
-                uend = r.uncompressed_end();
-                cend = r.compressed_offset + r.compressed_size as u64;
+                };
+                uend = u;
+                cend = ce;
             }
         }
         if next != chunk_count {
@@ -404,6 +411,23 @@ mod tests {
     /// A section written before the fine chunk size existed has zeros
     /// there (parsed as "none"); a fine size that is not a power of two
     /// below the chunk size is refused even with a valid checksum.
+    #[test]
+    fn extents_near_the_end_of_u64_are_refused_not_wrapped() {
+        // Found by the index fuzz target: a chunk whose compressed offset
+        // plus size overflows. Unchecked, a release build wrapped the sum
+        // below the blob's size and accepted the extent.
+        let mut blobs = sample();
+        let last = blobs[1].chunks.last_mut().unwrap();
+        last.compressed_offset = u64::MAX - 4;
+        last.compressed_size = 16;
+        let e = Index::parse(&encode_index(8192, 0, &blobs)).err().unwrap();
+        assert!(e.to_string().contains("bad extent"), "{e}");
+        let mut blobs = sample();
+        blobs[1].chunks[0].uncompressed_offset = u64::MAX - 4095;
+        let e = Index::parse(&encode_index(8192, 0, &blobs)).err().unwrap();
+        assert!(e.to_string().contains("bad extent"), "{e}");
+    }
+
     #[test]
     fn fine_chunk_size_is_checked() {
         assert_eq!(
